@@ -1,0 +1,242 @@
+"""The bundle: a directory of ONNX parts (and compiled artefacts) plus a versioned manifest.
+
+A bundle is the one thing the compile side hands to a device. It is written atomically
+(everything goes to a temporary sibling directory that is renamed into place at the end), and
+it is validated before any runner sees it: schema version, every listed file present, every
+file's sha256. No torch, no onnx here: the runtime reads bundles.
+
+Manifest (``manifest.json``), schema version 1::
+
+    format, schema_version, edgevl_version, created
+    model:        name, family, architecture, source
+    precision:    fp32 | fp16 | int8 | int8-wo | int4-wo | ...
+    target:       onnxruntime | openvino | tensorrt (what it was built for; any runner may try)
+    parts:        {vision|embed|decoder: {onnx, inputs, outputs, dynamic_axes, artifacts}}
+    decoder:      n_layers, n_kv_heads, head_dim, hidden_dim, vocab_size, max_position
+    preprocess:   the image preprocessing spec (see edgevl.preprocess)
+    tokenizer:    file and special token ids
+    prompt:       template, image_block, image_token_id, image_seq_len
+    generation:   defaults (max_new_tokens, stop ids, ...)
+    quantization: recipe and provenance, or null
+    provenance:   tool versions, checkpoint, times
+    reports:      {name: file} (parity.json, accuracy.json, ...)
+    files:        {relative path: {sha256, bytes}} for every other file of the bundle
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from edgevl.errors import BundleError
+
+FORMAT = "edgevl-bundle"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+PART_NAMES = ("vision", "embed", "decoder")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Bundle:
+    """A validated bundle on disk. ``manifest`` is the parsed manifest.json."""
+
+    path: Path
+    manifest: dict
+
+    @property
+    def parts(self) -> dict:
+        return self.manifest["parts"]
+
+    @property
+    def precision(self) -> str:
+        return self.manifest.get("precision", "fp32")
+
+    def part_file(self, part: str, backend: str | None = None) -> Path:
+        """The file a backend should load for ``part``: its compiled artefact, else the ONNX."""
+        if part not in self.parts:
+            raise BundleError(f"{self.path}: bundle has no part {part!r}; it has {sorted(self.parts)}")
+        spec = self.parts[part]
+        artefact = spec.get("artifacts", {}).get(backend) if backend else None
+        return self.path / (artefact or spec["onnx"])
+
+    def report(self, name: str) -> dict | None:
+        rel = self.manifest.get("reports", {}).get(name)
+        return json.loads((self.path / rel).read_text()) if rel else None
+
+    def __getitem__(self, key: str):
+        return self.manifest[key]
+
+
+def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
+    """Read and validate a bundle: schema, presence and sha256 of every listed file."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not path.is_dir():
+        raise BundleError(f"{path}: no such bundle directory (build one with `edgevl export` or `edgevl build`)")
+    if not manifest_path.is_file():
+        raise BundleError(f"{path}: not a bundle, {MANIFEST} is missing "
+                          "(an interrupted write never leaves one; rebuild it with `edgevl export`)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{manifest_path}: not valid JSON ({e}); the bundle is damaged, rebuild it") from e
+    if manifest.get("format") != FORMAT:
+        raise BundleError(f"{manifest_path}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
+    version = manifest.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise BundleError(
+            f"{path}: bundle schema version {version} is newer than this runtime supports "
+            f"({SCHEMA_VERSION}); upgrade edgevl on this device (pip install -U edgevl) or rebuild "
+            f"the bundle with the edgevl version installed here")
+    for key in ("parts", "files", "preprocess", "tokenizer", "prompt", "decoder"):
+        if key not in manifest:
+            raise BundleError(f"{manifest_path}: required field {key!r} is missing")
+    if verify:
+        verify_files(path, manifest)
+    return Bundle(path, manifest)
+
+
+def verify_files(path: Path, manifest: dict) -> None:
+    for rel, meta in manifest["files"].items():
+        f = path / rel
+        if not f.is_file():
+            raise BundleError(f"{path}: file {rel} listed in the manifest is missing; "
+                              "copy the whole bundle directory again or rebuild it")
+        size = f.stat().st_size
+        if size != meta["bytes"]:
+            raise BundleError(f"{path}: file {rel} has {size} bytes, the manifest says {meta['bytes']} "
+                              "(truncated or changed); copy the bundle again or rebuild it")
+        digest = sha256_file(f)
+        if digest != meta["sha256"]:
+            raise BundleError(f"{path}: file {rel} does not match its sha256 in the manifest "
+                              f"(expected {meta['sha256'][:12]}..., got {digest[:12]}...): it was changed "
+                              "or corrupted; copy the bundle again or rebuild it")
+
+
+class BundleWriter:
+    """Builds a bundle in a temporary sibling directory; ``commit`` renames it into place.
+
+    States: open (add files, set manifest fields) -> committed, or -> aborted. A crash at any
+    point leaves the destination untouched (old bundle or nothing), never a half bundle.
+    """
+
+    def __init__(self, out: str | Path, force: bool = False):
+        self.out = Path(out)
+        if self.out.exists() and not force:
+            raise BundleError(f"{self.out} already exists; choose another --out or pass --force to replace it")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp.", dir=self.out.parent))
+        self.manifest: dict = {"format": FORMAT, "schema_version": SCHEMA_VERSION}
+        self.state = "open"
+
+    def file(self, rel: str) -> Path:
+        """A path inside the bundle being written (parent folders created)."""
+        self._check_open()
+        p = self.tmp / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def write_json(self, rel: str, data) -> Path:
+        p = self.file(rel)
+        p.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        return p
+
+    def copy_in(self, src: str | Path, rel: str) -> Path:
+        p = self.file(rel)
+        shutil.copy2(src, p)
+        return p
+
+    def commit(self) -> Bundle:
+        self._check_open()
+        from edgevl import __version__
+
+        self.manifest.setdefault("edgevl_version", __version__)
+        self.manifest["files"] = {
+            rel: {"sha256": sha256_file(self.tmp / rel), "bytes": (self.tmp / rel).stat().st_size}
+            for rel in sorted(str(p.relative_to(self.tmp)) for p in self.tmp.rglob("*") if p.is_file())
+            if rel != MANIFEST
+        }
+        os.chmod(self.tmp, 0o755)  # mkdtemp makes it private; a bundle is shared like any directory
+        manifest_tmp = self.tmp / (MANIFEST + ".tmp")
+        manifest_tmp.write_text(json.dumps(self.manifest, indent=2) + "\n")
+        os.replace(manifest_tmp, self.tmp / MANIFEST)
+        if self.out.exists():
+            trash = self.out.with_name(f".{self.out.name}.old.{os.getpid()}")
+            os.replace(self.out, trash)
+            os.replace(self.tmp, self.out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.out)
+        self.state = "committed"
+        return load_bundle(self.out)
+
+    def abort(self) -> None:
+        if self.state == "open":
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.state = "aborted"
+
+    def _check_open(self) -> None:
+        if self.state != "open":
+            raise BundleError(f"bundle writer for {self.out} is {self.state}; start a new one")
+
+
+@contextmanager
+def writing_bundle(out: str | Path, force: bool = False) -> Iterator[BundleWriter]:
+    """``with writing_bundle(out) as w: ...`` commits on success and aborts on any exception."""
+    writer = BundleWriter(out, force=force)
+    try:
+        yield writer
+        if writer.state == "open":
+            writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def describe(bundle: Bundle) -> str:
+    """A readable summary of a bundle, for `edgevl info`."""
+    m = bundle.manifest
+    lines = [f"bundle {bundle.path}",
+             f"  model       {m['model'].get('name')} ({m['model'].get('family')}, {m['model'].get('architecture')})",
+             f"  precision   {m.get('precision')}   target {m.get('target')}",
+             f"  schema      v{m['schema_version']}, edgevl {m.get('edgevl_version')}, created {m.get('created', '?')}"]
+    for name, part in m["parts"].items():
+        lines.append(f"  part {name:<8} {part['onnx']}")
+        for kind in ("inputs", "outputs"):
+            shown = [t for t in part.get(kind, []) if not t["name"].startswith(("past_key", "past_value", "present_"))]
+            hidden = len(part.get(kind, [])) - len(shown)
+            text = ", ".join(f"{t['name']} {t['dtype']}{list(t['shape'])}" for t in shown)
+            if hidden:
+                text += f", + {hidden} KV-cache tensors"
+            lines.append(f"    {kind:<8} {text}")
+        for backend, rel in part.get("artifacts", {}).items():
+            lines.append(f"    {backend:<8} {rel}")
+    d = m["decoder"]
+    lines.append(f"  decoder     {d['n_layers']} layers, {d['n_kv_heads']} KV heads x {d['head_dim']}, "
+                 f"vocab {d['vocab_size']}, max position {d['max_position']}")
+    p = m["preprocess"]
+    lines.append(f"  preprocess  {p['resize_mode']} to {p['size']} ({p['interpolation']}), mean {p['mean']}, std {p['std']}")
+    lines.append(f"  prompt      {m['prompt']['template']!r}, {m['prompt']['image_seq_len']} image tokens")
+    q = m.get("quantization")
+    if q:
+        lines.append(f"  quantized   {q.get('method')} {q.get('scheme', '')}, float layers: {len(q.get('float_nodes', []))}")
+    for name, rel in m.get("reports", {}).items():
+        lines.append(f"  report      {name}: {rel}")
+    total = sum(f["bytes"] for f in m["files"].values())
+    lines.append(f"  files       {len(m['files'])} ({total / 1e6:.1f} MB), sha256 verified")
+    return "\n".join(lines)

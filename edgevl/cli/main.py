@@ -1,0 +1,52 @@
+"""The `edgevl` command. Each subcommand lives in its own module with ``add_parser`` and ``run``;
+a subcommand is listed here only once it works."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from edgevl import __version__
+from edgevl.errors import EdgeVLError
+
+COMMANDS = {
+    # name: (module, one-line help)
+    "train": ("edgevl.cli.train", "train the embedded edgevl-tiny model on the synthetic world"),
+    "eval": ("edgevl.cli.eval", "exact-match accuracy on held-out scenes (PyTorch model or a bundle)"),
+    "export": ("edgevl.cli.export", "export a model to a validated FP32 ONNX bundle"),
+    "info": ("edgevl.cli.info", "print a bundle's manifest readably"),
+    "compare": ("edgevl.cli.compare", "compare a bundle's parts across backends"),
+    "run": ("edgevl.cli.run", "answer a prompt about an image with a bundle"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgevl", description="Edge deployment compiler and runtime for VLMs.")
+    parser.add_argument("--version", action="version", version=f"edgevl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    try:
+        return importlib.import_module(args._module).run(args) or 0
+    except EdgeVLError as e:
+        print(f"edgevl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"edgevl {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The inference engine: a bundle's three parts on one backend, plus tokens and the KV cache.
+
+It knows the part contract (see edgevl.models.decoder for the cache semantics):
+
+- vision:  pixel_values (B, 3, H, W) float32 -> image_embeds (B, N, D)
+- embed:   input_ids (B, T) int64 -> inputs_embeds (B, T, D)
+- decoder: inputs_embeds (B, T, D), past_len (B,), past_key.i / past_value.i (B, KV, C, Dh)
+           -> logits (B, V) for the last of the T positions, present_key.i / present_value.i
+           (B, KV, T, Dh) for the T new positions only.
+
+Single-request generation and the in-flight scheduler are both written on top of the two
+steps here: ``prefill`` (one slot, a whole prompt) and ``decode`` (a packed range of slots,
+one token each).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgevl.bundle import Bundle
+from edgevl.errors import InputError
+from edgevl.prompting import render_prompt
+from edgevl.runtimes.kv_cache import KVCache
+from edgevl.runtimes.registry import get_runner_class
+
+
+class Engine:
+    def __init__(self, bundle: Bundle, backend: str, threads: int | None = None,
+                 device: str | None = None, options: dict | None = None):
+        from tokenizers import Tokenizer
+
+        self.bundle, self.backend = bundle, backend
+        runner_cls = get_runner_class(backend)
+        self.runners = {
+            name: runner_cls(bundle.part_file(name, backend), precision=bundle.precision, threads=threads,
+                             device=device, options=options)
+            for name in bundle.parts
+        }
+        m = bundle.manifest
+        self.dec = m["decoder"]
+        self.prompt_spec = m["prompt"]
+        self.tok_spec = m["tokenizer"]
+        self.preprocess_spec = m["preprocess"]
+        self.tokenizer = Tokenizer.from_file(str(bundle.path / self.tok_spec["file"]))
+        self.image_token_id = int(self.prompt_spec["image_token_id"])
+        self.eos_ids = tuple(int(i) for i in self.tok_spec.get("eos_token_ids", []))
+        self.kv_dtype = np.dtype(self.dec.get("kv_dtype", "float32"))
+
+    # -- parts -------------------------------------------------------------------------------
+    def activate(self) -> "Engine":
+        for r in self.runners.values():
+            r.activate()
+        return self
+
+    def close(self) -> None:
+        for r in self.runners.values():
+            r.close()
+
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        return self.runners["vision"].infer({"pixel_values": pixels})["image_embeds"]
+
+    def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
+        return self.runners["embed"].infer({"input_ids": ids})["inputs_embeds"]
+
+    # -- prompts -----------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str, n_images: int = 1) -> np.ndarray:
+        text = render_prompt(self.prompt_spec["template"], prompt, self.prompt_spec["image_block"], n_images)
+        ids = self.tokenizer.encode(text, add_special_tokens=bool(self.tok_spec.get("add_special_tokens", False))).ids
+        return np.asarray(ids, dtype=np.int64)
+
+    def decode_tokens(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def check_context(self, n_prompt: int, max_new_tokens: int) -> None:
+        limit = int(self.dec["max_position"])
+        if n_prompt + max_new_tokens > limit:
+            raise InputError(f"prompt is {n_prompt} tokens and {max_new_tokens} new tokens were asked for, "
+                             f"but the model's context is {limit} tokens; shorten the prompt or lower max_new_tokens "
+                             f"(at most {max(0, limit - n_prompt)} new tokens fit)")
+
+    def merge(self, ids: np.ndarray, image_embeds: np.ndarray | None) -> np.ndarray:
+        """(T,) ids -> (1, T, D) embeddings, image-token slots filled with image embeddings in order."""
+        embeds = self.embed_tokens(ids[None, :])
+        slots = np.flatnonzero(ids == self.image_token_id)
+        given = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
+        if len(slots) != given:
+            raise InputError(f"prompt has {len(slots)} image tokens but the images give {given} embeddings "
+                             f"({self.prompt_spec['image_seq_len']} per image); pass one image per image block")
+        if given:
+            embeds[0, slots] = image_embeds.reshape(given, -1).astype(embeds.dtype, copy=False)
+        return embeds
+
+    # -- cache and steps ---------------------------------------------------------------------
+    def new_cache(self, slots: int = 1, capacity: int = 64) -> KVCache:
+        return KVCache(int(self.dec["n_layers"]), int(self.dec["n_kv_heads"]), int(self.dec["head_dim"]),
+                       slots=slots, capacity=capacity, max_capacity=int(self.dec["max_position"]),
+                       dtype=self.kv_dtype)
+
+    def prefill(self, cache: KVCache, slot: int, embeds: np.ndarray) -> np.ndarray:
+        """Run a whole prompt (1, T, D) into ``slot`` (which must be empty); -> logits (V,)."""
+        rows = slice(slot, slot + 1)
+        cache.ensure(int(cache.length[slot]) + embeds.shape[1])
+        out = self.runners["decoder"].infer({"inputs_embeds": embeds, **cache.feeds(rows)})
+        cache.write(out, rows)
+        return out["logits"][0]
+
+    def decode(self, cache: KVCache, n: int, tokens: np.ndarray) -> np.ndarray:
+        """One token for each of the first ``n`` slots; -> logits (n, V)."""
+        rows = slice(0, n)
+        cache.ensure(int(cache.length[:n].max()) + 1)
+        embeds = self.embed_tokens(tokens.reshape(n, 1).astype(np.int64, copy=False))
+        out = self.runners["decoder"].infer({"inputs_embeds": embeds, **cache.feeds(rows)})
+        cache.write(out, rows)
+        return out["logits"]
