@@ -27,8 +27,11 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow and not tensorrt"
 
+# aarch64 under qemu-user emulation (root, binfmt_misc); see tools/arm64_check.sh --help.
+# ARM64_ARGS passes options, e.g. make test-arm64 ARM64_ARGS="--scenes 10 --profiles a57"
+ARM64_ARGS ?=
 test-arm64: setup
-	bash tools/arm64_check.sh
+	bash tools/arm64_check.sh $(ARM64_ARGS)
 
 clean:
 	rm -rf $(OUT) .pytest_cache

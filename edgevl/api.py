@@ -151,8 +151,10 @@ class VLM:
     def answer(self, images, questions, channels: str = "rgb", **sampling) -> list[str]:
         """Answer (image, question) pairs: the evaluation interface (images are RGB by default)."""
         if self.scheduler is not None:
+            # block=True: a long list waits for queue room instead of failing with QueueFull
             futures = [self.scheduler.submit(self.engine.encode_prompt(q), self.pixels([im], channels),
-                                             self._params(**sampling)) for im, q in zip(images, questions)]
+                                             self._params(**sampling), block=True)
+                       for im, q in zip(images, questions)]
             return [self.engine.decode_tokens(f.result()) for f in futures]
         return [self.generate(im, q, channels=channels, **sampling).text for im, q in zip(images, questions)]
 

@@ -5,6 +5,8 @@ handle a class of failure catch the narrow subclass; a CLI catches ``EdgeVLError
 the message without a traceback.
 """
 
+from concurrent.futures import CancelledError as _FutureCancelled
+
 
 class EdgeVLError(Exception):
     """Root of every error edgevl raises deliberately."""
@@ -42,6 +44,14 @@ class BackendUnavailable(EdgeVLError):
     """A backend (runtime library or device) that is not installed or not usable here."""
 
 
+class CompileError(EdgeVLError):
+    """A bundle part that a target compiler (TensorRT, OpenVINO, ...) could not build."""
+
+
+class EngineMismatch(BundleError):
+    """A compiled engine built for another TensorRT version, GPU or ONNX file; rebuild it here."""
+
+
 class QuantizationError(EdgeVLError):
     """Calibration data or a quantization recipe that cannot produce a usable model."""
 
@@ -58,8 +68,9 @@ class QueueFull(EdgeVLError):
     """The batcher's bounded queue is full; retry later or raise max_queue_size."""
 
 
-class RequestCancelled(EdgeVLError):
-    """A request was cancelled before it finished."""
+class RequestCancelled(EdgeVLError, _FutureCancelled):
+    """A request was cancelled before it finished (also a concurrent.futures.CancelledError,
+    so one ``except CancelledError`` covers ``future.cancel()`` and a cancelled generation)."""
 
 
 class DeadlineExceeded(EdgeVLError, TimeoutError):

@@ -6,7 +6,11 @@ The spec is the manifest's ``preprocess`` object::
     resize_mode   "stretch"                     resize to size, aspect ratio not kept
                   "shortest_edge_center_crop"   CLIP-style: shortest edge to the crop size,
                                                 then centre crop (``resize_shortest`` may differ)
-                  "longest_edge_pad"            longest edge to size, pad to square with ``pad_value``
+                  "longest_edge_pad"            longest edge to size (short edge rounded, at least
+                                                ``min_size``), pad to square with ``pad_value``
+                  "longest_edge_even_then_stretch"  Idefics3/SmolVLM: longest edge to ``resize_longest``
+                                                (short edge int() then rounded up to even, both capped
+                                                at 4096), then a plain resize to size
     interpolation "nearest" | "bilinear" | "bicubic" | "lanczos" (Pillow's filters, as the
                   Hugging Face processors use)
     rescale       multiplier applied to 0..255 values (1/255)
@@ -121,7 +125,8 @@ def resize_image(rgb: np.ndarray, spec: dict) -> np.ndarray:
         return resized[top:top + out_h, left:left + out_w]
     if mode == "longest_edge_pad":
         scale = max(out_h, out_w) / max(h, w)
-        new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+        floor = int(spec.get("min_size", 1))
+        new_h, new_w = max(floor, round(h * scale)), max(floor, round(w * scale))
         resized = _resize(rgb, new_w, new_h, interp)
         fill = np.array(spec.get("pad_value", [0, 0, 0]), dtype=np.uint8)
         canvas = np.empty((out_h, out_w, 3), np.uint8)
@@ -129,7 +134,29 @@ def resize_image(rgb: np.ndarray, spec: dict) -> np.ndarray:
         top, left = (out_h - new_h) // 2, (out_w - new_w) // 2
         canvas[top:top + new_h, left:left + new_w] = resized
         return canvas
+    if mode == "longest_edge_even_then_stretch":
+        new_h, new_w = _longest_edge_even(h, w, int(spec["resize_longest"]))
+        return _resize(_resize(rgb, new_w, new_h, interp), out_w, out_h, interp)
     raise InputError(f"unknown resize_mode {mode!r} in the bundle's preprocess spec")
+
+
+def _longest_edge_even(h: int, w: int, longest: int, cap: int = 4096) -> tuple[int, int]:
+    """transformers' Idefics3/SmolVLM resize rule, float for float: longest edge to ``longest``,
+    the other int(longest / aspect) rounded up to even; then both scaled below ``cap``."""
+    aspect = w / h
+    if w >= h:
+        w, h = longest, int(longest / aspect)
+        h += h % 2
+    else:
+        h, w = longest, int(longest * aspect)
+        w += w % 2
+    h, w = max(h, 1), max(w, 1)
+    aspect = w / h
+    if w >= h and w > cap:
+        w, h = cap, int(cap / aspect)
+    elif h > w and h > cap:
+        h, w = cap, int(cap * aspect)
+    return max(h, 1), max(w, 1)
 
 
 def normalise(rgb: np.ndarray, spec: dict) -> np.ndarray:

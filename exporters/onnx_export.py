@@ -62,7 +62,8 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, input_names, outpu
     module.eval()
     buffer = io.StringIO()
     try:
-        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stderr(buffer):
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stderr(buffer), \
+                contextlib.redirect_stdout(buffer):
             warnings.simplefilter("ignore")
             torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
                               dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=True,

@@ -131,5 +131,11 @@ class Runner(ABC):
     def _close(self) -> None:
         pass
 
+    def new_kv_cache(self, **spec):
+        """Hook for runners that keep the decoder's KV cache themselves (on a device): return an
+        object with KVCache's interface, or None (the default) for Engine's host KVCache.
+        ``spec``: n_layers, n_kv_heads, head_dim, slots, capacity, max_capacity, dtype."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path.name!r}, precision={self.precision!r})"

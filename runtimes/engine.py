@@ -92,9 +92,14 @@ class Engine:
 
     # -- cache and steps ---------------------------------------------------------------------
     def new_cache(self, slots: int = 1, capacity: int = 64) -> KVCache:
-        return KVCache(int(self.dec["n_layers"]), int(self.dec["n_kv_heads"]), int(self.dec["head_dim"]),
-                       slots=slots, capacity=capacity, max_capacity=int(self.dec["max_position"]),
-                       dtype=self.kv_dtype)
+        """A KV cache for ``slots`` sequences. The decoder's runner may supply its own (the
+        TensorRT runner keeps it on the GPU, same interface); otherwise a host KVCache."""
+        spec = dict(n_layers=int(self.dec["n_layers"]), n_kv_heads=int(self.dec["n_kv_heads"]),
+                    head_dim=int(self.dec["head_dim"]), slots=slots, capacity=capacity,
+                    max_capacity=int(self.dec["max_position"]), dtype=self.kv_dtype)
+        make = getattr(self.runners["decoder"], "new_kv_cache", None)   # runner-like stand-ins may lack it
+        cache = make(**spec) if make is not None else None
+        return cache if cache is not None else KVCache(**spec)
 
     def prefill(self, cache: KVCache, slot: int, embeds: np.ndarray) -> np.ndarray:
         """Run a whole prompt (1, T, D) into ``slot`` (which must be empty); -> logits (V,)."""

@@ -22,6 +22,11 @@ def _shape(partial_shape) -> tuple:
     return tuple(d.get_length() if d.is_static else None for d in partial_shape)
 
 
+def _declared_name(compiled_port, model_port) -> str:
+    names = compiled_port.get_names() & model_port.get_names()
+    return sorted(names)[0] if names else compiled_port.get_any_name()
+
+
 def inference_precision(precision: str) -> str:
     """The INFERENCE_PRECISION_HINT for a bundle precision (quantized ones keep f32 floats)."""
     return _HINTS.get(precision, "f32")
@@ -61,10 +66,14 @@ class OpenVINORunner(Runner):
         except RuntimeError as e:
             raise BundleError(f"openvino could not load {self.path}: {e}") from e
         self.request = self.compiled.create_infer_request()
-        inputs = [TensorInfo(p.get_any_name(), _dtype_name(p.get_element_type()), _shape(p.get_partial_shape()))
-                  for p in self.compiled.inputs]
-        outputs = [TensorInfo(p.get_any_name(), _dtype_name(p.get_element_type()), _shape(p.get_partial_shape()))
-                   for p in self.compiled.outputs]
+        # Name ports as the graph declares them: compiling fuses nodes and a port can gain the names of
+        # the tensors fused into it (e.g. a MatMul's before its bias Add), so get_any_name() may pick one.
+        in_names = [_declared_name(p, q) for p, q in zip(self.compiled.inputs, model.inputs)]
+        out_names = [_declared_name(p, q) for p, q in zip(self.compiled.outputs, model.outputs)]
+        inputs = [TensorInfo(n, _dtype_name(p.get_element_type()), _shape(p.get_partial_shape()))
+                  for n, p in zip(in_names, self.compiled.inputs)]
+        outputs = [TensorInfo(n, _dtype_name(p.get_element_type()), _shape(p.get_partial_shape()))
+                   for n, p in zip(out_names, self.compiled.outputs)]
         self._out_ports = list(self.compiled.outputs)
         self._names = [o.name for o in outputs]
         return inputs, outputs

@@ -16,11 +16,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", dest="json_path", default=None, help="write the result as JSON here")
     p.add_argument("--answers", action="store_true", help="include every answer in the JSON")
+    p.add_argument("--check-report", action="store_true",
+                   help="re-run a quantized bundle's accuracy report (its scenes, split, backends) and compare")
 
 
 def run(args) -> int:
     from edgevl.evaluate import evaluate
 
+    if args.check_report:
+        from edgevl.exporters.quantize.report import check_report
+
+        return check_report(args.bundle, backend=args.backend, threads=args.threads)
     if args.bundle:
         import edgevl
 

@@ -15,9 +15,15 @@ COMMANDS = {
     "train": ("edgevl.cli.train", "train the embedded edgevl-tiny model on the synthetic world"),
     "eval": ("edgevl.cli.eval", "exact-match accuracy on held-out scenes (PyTorch model or a bundle)"),
     "export": ("edgevl.cli.export", "export a model to a validated FP32 ONNX bundle"),
+    "quantize": ("edgevl.cli.quantize", "INT8 post-training quantization of a bundle to Q/DQ ONNX, within an accuracy budget"),
+    "qat": ("edgevl.cli.qat", "quantization-aware fine-tuning of edgevl-tiny (NNCF) to a Q/DQ INT8 bundle"),
+    "build": ("edgevl.cli.build", "export, quantize and compile for a target in one command"),
+    "compile": ("edgevl.cli.compile", "compile a bundle for a target (TensorRT engines) on this device"),
     "info": ("edgevl.cli.info", "print a bundle's manifest readably"),
     "compare": ("edgevl.cli.compare", "compare a bundle's parts across backends"),
     "run": ("edgevl.cli.run", "answer a prompt about an image with a bundle"),
+    "bench": ("edgevl.cli.bench", "benchmark backends and precisions side by side against PyTorch eager"),
+    "stream": ("edgevl.cli.stream", "answer a prompt live about camera, video, RTSP/GStreamer or folder frames"),
 }
 
 

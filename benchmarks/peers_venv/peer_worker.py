@@ -1,0 +1,208 @@
+"""A benchmark worker for peer tools, run with benchmarks/.peers-venv's python.
+
+It speaks the same JSON-lines protocol as edgevl.benchmarks.worker (see that file) but imports
+nothing of edgevl: the peers venv holds optimum-intel, openvino-genai and optimum-onnx with the
+transformers they pin, not edgevl. It measures what the peers expose the same way for all:
+
+- time to first token = processor + ``generate(max_new_tokens=1)``;
+- end to end = processor + ``generate`` of exactly N tokens (EOS ignored), greedy;
+- decode tokens/s = (N - 1) / (end to end - time to first token), pairwise.
+
+The vision encoder alone is not timed (the peers do not expose it the same way); those cells
+stay empty. Exports are cached in the spec's ``work_dir`` so only the first run pays for them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+
+PROMPT_DEFAULT = "describe the image."
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def scene_images(spec: dict, batch: int):
+    """The same held-out scenes edgevl's workers use, saved by the orchestrator as .npy (the
+    peers venv has no edgevl to draw them)."""
+    import numpy as np
+
+    images = np.load(spec["images"])
+    return [images[i % len(images)] for i in range(batch)]
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+class OptimumIntel:
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.int8 = spec["precision"].startswith("int8")
+        self.ov_dir = Path(spec["work_dir"]) / ("ov-int8" if self.int8 else "ov-fp32")
+
+    def ov_config(self) -> dict:
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if self.spec.get("threads"):
+            config["INFERENCE_NUM_THREADS"] = str(self.spec["threads"])
+        return config
+
+    def export(self) -> None:
+        from optimum.intel import OVModelForVisualCausalLM
+
+        if (self.ov_dir / "config.json").is_file():
+            return
+        kwargs = {"load_in_8bit": True} if self.int8 else {"load_in_8bit": False}
+        model = OVModelForVisualCausalLM.from_pretrained(self.spec["checkpoint"], export=True, compile=False, **kwargs)
+        tmp = self.ov_dir.with_name(self.ov_dir.name + ".tmp")
+        model.save_pretrained(tmp)
+        from transformers import AutoProcessor
+
+        AutoProcessor.from_pretrained(self.spec["checkpoint"]).save_pretrained(tmp)
+        os.replace(tmp, self.ov_dir)
+
+    def load(self) -> None:
+        from optimum.intel import OVModelForVisualCausalLM
+        from transformers import AutoProcessor
+
+        self.model = OVModelForVisualCausalLM.from_pretrained(self.ov_dir, ov_config=self.ov_config())
+        self.processor = AutoProcessor.from_pretrained(self.spec["checkpoint"])
+
+    def inputs(self, images, prompt):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return self.processor(text=[text] * len(images), images=[[im] for im in images], return_tensors="pt")
+
+    def generate(self, images, prompt, n) -> int:
+        inputs = self.inputs(images, prompt)
+        self.model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return int(inputs["input_ids"].shape[1])
+
+
+class OpenVINOGenAI(OptimumIntel):
+    def load(self) -> None:
+        import openvino_genai as ov_genai
+
+        self.pipe = ov_genai.VLMPipeline(str(self.ov_dir), "CPU", **self.ov_config())
+
+    def generate(self, images, prompt, n) -> int:
+        import openvino as ov
+        import openvino_genai as ov_genai
+
+        config = ov_genai.GenerationConfig()
+        config.max_new_tokens, config.min_new_tokens, config.ignore_eos = n, n, True
+        self.pipe.start_chat()           # a fresh chat each time: no prompt reuse (MEASURED.md gotcha 4)
+        try:
+            self.pipe.generate(prompt, images=[ov.Tensor(im[None]) for im in images], generation_config=config)
+        finally:
+            self.pipe.finish_chat()
+        return 0
+
+
+class OptimumORT(OptimumIntel):
+    def export(self) -> None:
+        self.ort_dir = Path(self.spec["work_dir"]) / "onnx"
+        cls = self._cls()
+        if not (self.ort_dir / "config.json").is_file():
+            model = cls.from_pretrained(self.spec["checkpoint"], export=True)
+            model.save_pretrained(self.ort_dir)
+
+    def _cls(self):
+        import optimum.onnxruntime as ort_mod
+
+        for name in ("ORTModelForImageTextToText", "ORTModelForVisualCausalLM", "ORTModelForVision2Seq"):
+            if hasattr(ort_mod, name):
+                return getattr(ort_mod, name)
+        raise RuntimeError("optimum-onnx has no VLM class (ORTModelForImageTextToText / ORTModelForVisualCausalLM)")
+
+    def load(self) -> None:
+        from transformers import AutoProcessor
+
+        self.model = self._cls().from_pretrained(self.ort_dir)
+        self.processor = AutoProcessor.from_pretrained(self.spec["checkpoint"])
+
+
+PEERS = {"optimum-intel": OptimumIntel, "optimum-intel-int8": OptimumIntel, "openvino-genai": OpenVINOGenAI,
+         "optimum-onnxruntime": OptimumORT}
+
+
+class Worker:
+    def load(self, msg):
+        self.spec, self.settings = msg["subject"], msg.get("settings", {})
+        if self.spec.get("threads"):
+            import torch
+
+            torch.set_num_threads(int(self.spec["threads"]))
+        self.peer = PEERS[self.spec["peer"]](self.spec)
+        t = time.perf_counter()
+        self.peer.export()
+        export_s = time.perf_counter() - t
+        t = time.perf_counter()
+        self.peer.load()
+        load_ms = (time.perf_counter() - t) * 1e3
+        out_dir = getattr(self.peer, "ort_dir", None) or self.peer.ov_dir
+        return {"facts": {"load_ms": load_ms, "export_s": round(export_s, 1), "size_bytes": dir_size(out_dir),
+                          "max_position": None, "pid": os.getpid()}}
+
+    def round(self, msg):
+        batch, budget = int(msg["batch"]), float(msg.get("budget_s", 1.0))
+        n = int(self.settings.get("new_tokens", 32))
+        prompt = self.settings.get("prompt", PROMPT_DEFAULT)
+        images = scene_images(self.spec, batch)
+        if batch not in getattr(self, "seen", set()):
+            self.seen = getattr(self, "seen", set()) | {batch}
+            self.peer.generate(images, prompt, 2)                 # warm-up
+        out = {"batch": batch, "vision_ms": [], "ttft_ms": [], "e2e_ms": [], "decode_tok_s": []}
+        if batch not in self.settings.get("generate_batches", [1]):
+            return {"samples": out}
+        spent = 0.0
+        while not out["e2e_ms"] or spent < budget:
+            t = time.perf_counter()
+            prompt_tokens = self.peer.generate(images, prompt, 1)
+            ttft = time.perf_counter() - t
+            t = time.perf_counter()
+            self.peer.generate(images, prompt, n)
+            e2e = time.perf_counter() - t
+            spent += ttft + e2e
+            out["ttft_ms"].append(ttft * 1e3)
+            out["e2e_ms"].append(e2e * 1e3)
+            if e2e > ttft and n > 1:
+                out["decode_tok_s"].append((n - 1) * batch / (e2e - ttft))
+            out["prompt_tokens"] = prompt_tokens or None
+        return {"samples": out}
+
+    def finish(self, msg):
+        return {"accuracy": None, "overhead": None}
+
+
+def main() -> int:
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    worker = Worker()
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        msg = json.loads(line)
+        if msg.get("cmd") == "quit":
+            break
+        try:
+            reply = {"load": worker.load, "round": worker.round, "finish": worker.finish,
+                     "rss": lambda m: {"peak_rss_mb": peak_rss_mb()}}[msg["cmd"]](msg)
+            reply["ok"] = True
+        except Exception as e:
+            traceback.print_exc()
+            reply = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        proto.write(json.dumps(reply) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

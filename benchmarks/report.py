@@ -1,0 +1,200 @@
+"""Raw samples -> result rows (one per variant), the JSON document and the Markdown table.
+
+Every row carries its ratio to PyTorch eager FP32 of the same model and batch
+(``speedup_vs_torch``: end-to-end latency when it was measured, else vision latency; the
+per-metric ratios are in ``speedups_vs_torch``), and its fraction of the decode ceiling
+(measured memory bandwidth / bytes of weights one decode step reads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from edgevl.benchmarks.machine import decode_ceiling
+from edgevl.benchmarks.orchestrate import SetupRun
+from edgevl.benchmarks.stats import overhead, ratio, summarize
+
+SCHEMA = "edgevl-bench/1"
+# metric -> (sample key, higher is better)
+METRICS = {"vision": ("vision_ms", False), "ttft": ("ttft_ms", False), "decode": ("decode_tok_s", True),
+           "e2e": ("e2e_ms", False)}
+ROW_KEYS = ("model", "tool", "backend", "precision", "batch", "status", "error", "vision_ms_p50", "ttft_ms_p50",
+            "decode_tok_s", "e2e_ms_p50", "peak_rss_mb", "size_mb", "accuracy", "speedup_vs_torch")
+
+
+def _r(x, digits=3):
+    return None if x is None else round(float(x), digits)
+
+
+def _summary_fields(prefix: str, values: list | None, spread_limit: float, warnings: list, label: str,
+                    p50_name: str | None = None) -> dict:
+    names = {"p50": p50_name or f"{prefix}_p50", "p10": f"{prefix}_p10", "p90": f"{prefix}_p90",
+             "p99": f"{prefix}_p99", "n": f"{prefix}_n"}
+    if not values:
+        return {name: None for name in names.values()}
+    s = summarize(values, spread_limit)
+    if s.warning(label):
+        warnings.append(s.warning(label))
+    return {names["p50"]: _r(s.p50), names["p10"]: _r(s.p10), names["p90"]: _r(s.p90), names["p99"]: _r(s.p99),
+            names["n"]: s.n}
+
+
+def rows_for(run: SetupRun, batches, bandwidth_gb_s: float | None, spread_limit: float) -> list[dict]:
+    setup, facts, finish = run.setup, run.facts, run.finish or {}
+    accuracy = (finish.get("accuracy") or {}) if isinstance(finish, dict) else {}
+    rows = []
+    for batch in batches:
+        samples = run.samples.get(batch, {})
+        warnings: list[str] = []
+        row = {"model": setup.model, "tool": setup.tool, "backend": setup.backend, "precision": setup.precision,
+               "batch": batch, "key": f"{setup.key}/b{batch}", "status": run.status, "error": run.error}
+        if run.status == "ok" and not samples:
+            row.update(status="failed", error="no measurements were taken")
+        row.update(_summary_fields("vision_ms", samples.get("vision_ms"), spread_limit, warnings, "vision"))
+        row.update(_summary_fields("ttft_ms", samples.get("ttft_ms"), spread_limit, warnings, "ttft"))
+        row.update(_summary_fields("decode_tok_s", samples.get("decode_tok_s"), spread_limit, warnings, "decode",
+                                   p50_name="decode_tok_s"))
+        row.update(_summary_fields("e2e_ms", samples.get("e2e_ms"), spread_limit, warnings, "e2e"))
+        at = {pos: _r(summarize(v).p50) for pos, v in sorted(samples.get("decode_tok_s_at", {}).items(),
+                                                              key=lambda kv: int(kv[0])) if v}
+        row["decode_tok_s_at"] = at or None
+        positions = list(at)
+        row["decode_position_ratio"] = (_r(at[positions[-1]] / at[positions[0]])
+                                        if len(positions) >= 2 and at[positions[0]] else None)
+        weight_bytes = facts.get("decoder_weight_bytes")
+        ceiling1 = decode_ceiling(bandwidth_gb_s or 0, weight_bytes or 0)
+        ceiling = ceiling1 * batch if ceiling1 else None     # a batched step reads the weights once for B tokens
+        row.update({
+            "peak_rss_mb": _r(run.peak_rss_mb.get(batch), 1),
+            "process_peak_rss_mb": _r(run.process_peak_rss_mb, 1),
+            "size_mb": _r(facts["size_bytes"] / 1e6, 2) if facts.get("size_bytes") else None,
+            "load_ms": _r(facts.get("load_ms"), 1),
+            "accuracy": _r(accuracy.get("accuracy"), 4),
+            "accuracy_by_task": accuracy.get("by_task"),
+            "accuracy_scenes": accuracy.get("n_scenes"),
+            "decoder_weight_mb": _r(weight_bytes / 1e6, 2) if weight_bytes else None,
+            "decode_ceiling_tok_s": _r(ceiling, 1),
+            "decode_ceiling_fraction": _r(row["decode_tok_s"] / ceiling, 4) if ceiling and row["decode_tok_s"] else None,
+            "prompt_tokens": samples.get("prompt_tokens"),
+            "image_tokens": facts.get("image_tokens"),
+            "execution_precision": facts.get("execution_precision"),
+            "bundle": facts.get("bundle"),
+        })
+        ov = (finish.get("overhead") if isinstance(finish, dict) else None) if batch == 1 else None
+        if ov and ov.get("edgevl_ms") and ov.get("bare_ms"):
+            ours, bare = summarize(ov["edgevl_ms"]).p50, summarize(ov["bare_ms"]).p50
+            row["vision_overhead"] = {"edgevl_ms_p50": _r(ours), "bare_ms_p50": _r(bare), "pairs": len(ov["bare_ms"]),
+                                      "overhead_pct": _r(100 * overhead(ours, bare), 2)}
+        else:
+            row["vision_overhead"] = None
+        if isinstance(finish, dict) and finish.get("error"):
+            warnings.append(f"accuracy/overhead not measured: {finish['error']}")
+        row["warnings"] = warnings
+        row["log"] = run.log
+        rows.append(row)
+    return rows
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Fill ``speedup_vs_torch`` and ``speedups_vs_torch`` from the PyTorch row of the same model and batch."""
+    base = {(r["model"], r["batch"]): r for r in rows if r["tool"] == "pytorch" and r["status"] == "ok"}
+    fields = {"vision": "vision_ms_p50", "ttft": "ttft_ms_p50", "decode": "decode_tok_s", "e2e": "e2e_ms_p50"}
+    for row in rows:
+        ref = base.get((row["model"], row["batch"]))
+        ratios = {m: _r(ratio(row.get(f), ref.get(f) if ref else None, METRICS[m][1])) for m, f in fields.items()}
+        row["speedups_vs_torch"] = ratios
+        row["speedup_vs_torch"] = ratios["e2e"] if ratios["e2e"] is not None else ratios["vision"]
+        row["speedup_metric"] = "e2e" if ratios["e2e"] is not None else ("vision" if ratios["vision"] is not None else None)
+
+
+def document(runs: list[SetupRun], batches, machine: dict, bandwidth: dict, settings: dict, extra: dict | None = None) -> dict:
+    rows = [row for run in runs for row in rows_for(run, batches, bandwidth.get("copy_gb_s"),
+                                                     settings.get("spread_limit", 0.25))]
+    add_speedups(rows)
+    return {"schema": SCHEMA, "machine": machine, "bandwidth": bandwidth, "settings": settings,
+            "variants": rows, **(extra or {})}
+
+
+def write_json(doc: dict, path: str | Path) -> Path:
+    return _atomic_write(Path(path), json.dumps(doc, indent=2) + "\n")
+
+
+def _atomic_write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    return path
+
+
+# -- Markdown ------------------------------------------------------------------------------------
+def _fmt(x, digits: int = 1, suffix: str = "") -> str:
+    if x is None:
+        return "–"
+    return f"{x:.{digits}f}{suffix}"
+
+
+def variant_label(row: dict) -> str:
+    if row["tool"] == "pytorch":
+        return "PyTorch eager fp32"
+    label = f"{row['backend']} {row['precision']}"
+    return label if row["tool"] == "edgevl" else f"{label} ({row['tool']})"
+
+
+def markdown(doc: dict) -> str:
+    m, bw, s = doc["machine"], doc["bandwidth"], doc["settings"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['usable_cores']} cores, {m.get('memory_gb')} GB, flags "
+        f"{' '.join(m['flags']) or 'none of note'}; memory copy {bw.get('copy_gb_s')} GB/s "
+        f"(read {bw.get('read_gb_s')} GB/s). {s['threads'] or m['usable_cores']} threads; "
+        f"{s['new_tokens']} new tokens, greedy; medians of interleaved rounds.",
+        "",
+        "| model | variant | batch | vision ms | TTFT ms | decode tok/s | e2e ms | x PyTorch | "
+        "% of decode ceiling | peak RSS MB | size MB | accuracy |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in doc["variants"]:
+        if r["status"] != "ok":
+            error = (r["error"] or "failed").splitlines()[0].replace("|", "/")
+            lines.append(f"| {r['model']} | {variant_label(r)} | {r['batch']} | failed: {error[:140]} ||||||||| ")
+            continue
+        speed = r["speedup_vs_torch"]
+        speed_text = "1.00x (ref)" if r["tool"] == "pytorch" else (f"{speed:.2f}x {r['speedup_metric']}" if speed else "–")
+        frac = r["decode_ceiling_fraction"]
+        acc = r["accuracy"]
+        lines.append(
+            f"| {r['model']} | {variant_label(r)} | {r['batch']} | {_fmt(r['vision_ms_p50'], 2)} | "
+            f"{_fmt(r['ttft_ms_p50'], 1)} | {_fmt(r['decode_tok_s'], 1)} | {_fmt(r['e2e_ms_p50'], 1)} | {speed_text} | "
+            f"{_fmt(frac * 100 if frac is not None else None, 0, '%')} | {_fmt(r['peak_rss_mb'], 0)} | "
+            f"{_fmt(r['size_mb'], 1)} | {_fmt(acc * 100 if acc is not None else None, 1, '%')} |")
+    notes = _notes(doc)
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def _notes(doc: dict) -> list[str]:
+    notes = []
+    for r in doc["variants"]:
+        if r["status"] != "ok":
+            continue
+        label = f"{r['model']} {variant_label(r)} b{r['batch']}"
+        if r.get("decode_position_ratio") is not None:
+            at = r["decode_tok_s_at"]
+            first, last = list(at)[0], list(at)[-1]
+            notes.append(f"- {label}: decode {at[last]:.1f} tok/s at position {last} vs {at[first]:.1f} at {first} "
+                         f"({r['decode_position_ratio']:.2f}x)")
+        if r.get("vision_overhead"):
+            o = r["vision_overhead"]
+            notes.append(f"- {label}: edgevl vision {o['edgevl_ms_p50']:.3f} ms vs bare session {o['bare_ms_p50']:.3f} ms "
+                         f"({o['overhead_pct']:+.1f}%, {o['pairs']} alternated pairs)")
+        for w in r.get("warnings", []):
+            notes.append(f"- {label}: {w}")
+    for p in doc.get("peer_notes", []):
+        notes.append(f"- peer {p}")
+    return notes

@@ -1,0 +1,31 @@
+"""edgevl build: export -> quantize -> compile for one target, in one command, with progress bars."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="'edgevl-tiny' or a local checkpoint directory")
+    p.add_argument("--target", required=True, choices=["onnxruntime", "openvino", "tensorrt"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int8-wo", "int4-wo"],
+                   help="fp16: OpenVINO IR / TensorRT only; int8: static Q/DQ; *-wo: decoder weight-only")
+    p.add_argument("--calib", default=None, help="calibration data for int8 (folder, video, .npy, 'world'; default world)")
+    p.add_argument("--method", default="entropy", choices=["minmax", "entropy", "percentile"])
+    p.add_argument("--samples", type=int, default=64, help="calibration images (default 64)")
+    p.add_argument("--block-size", type=int, default=32, help="weight-only block size (default 32)")
+    p.add_argument("--budget", type=float, default=1.0, help="accuracy loss allowed vs FP32, in points (default 1.0)")
+    p.add_argument("--accept-loss", action="store_true", help="write the bundle even if it breaks the budget")
+    p.add_argument("--eval-scenes", type=int, default=200, help="validation scenes for the budget (default 200)")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--threads", type=int, default=None)
+
+
+def run(args) -> int:
+    from edgevl.exporters.build import build_bundle
+
+    build_bundle(args.model, args.target, args.precision, args.out, calib=args.calib, force=args.force,
+                 method=args.method, samples=args.samples, budget=args.budget, accept_loss=args.accept_loss,
+                 eval_scenes=args.eval_scenes, block_size=args.block_size, threads=args.threads)
+    return 0

@@ -1,0 +1,223 @@
+"""What the Hugging Face family specs share: checkpoint checks, the HF reference, prompt and
+preprocessing specs derived from the checkpoint's own processor.
+
+The reference is the family's HF processor plus the HF model's own ``generate`` (greedy): the
+bundle is checked against what a transformers user gets, not against our reading of it.
+The prompt spec is *derived* from the processor (its chat template rendered with a sentinel,
+the exact text it expands one image into) and then proved: the tokens the runtime will make
+from the shipped tokenizer.json must equal the processor's ``input_ids``, or export stops.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from edgevl.errors import CheckpointError, ExportError, UnsupportedArchitecture
+from edgevl.exporters.families.base import FamilySpec, Reference
+from edgevl.prompting import render_prompt
+
+PROMPT_SLOT = "EDGEVLPROMPTSLOT"
+SAMPLE_PROMPTS = ("describe the image.", "what color is the circle?", "how many shapes are there?")
+# Pillow filter numbers (PIL.Image.Resampling) -> edgevl.preprocess interpolation names
+RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+# (what it is, any of these files) every save_pretrained checkpoint we export has
+HF_FILES = (
+    ("config", ("config.json",)),
+    ("weights", ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")),
+    ("tokenizer", ("tokenizer.json",)),
+    ("image processor config", ("preprocessor_config.json", "processor_config.json")),
+)
+
+
+class HFFamilySpec(FamilySpec):
+    """A family exported from a transformers ``*ForConditionalGeneration`` checkpoint."""
+
+    model_class: ClassVar[str]
+
+    @classmethod
+    def matches(cls, config: dict) -> bool:
+        archs = config.get("architectures")
+        if archs:   # a model_type shared by several heads (e.g. llava) must not pull in the others
+            return bool(set(archs) & set(cls.architectures))
+        return config.get("model_type") in cls.architectures
+
+    @classmethod
+    def check_files(cls, path: Path) -> None:
+        missing = [f"{what} ({' or '.join(names)})" for what, names in HF_FILES
+                   if not any((path / n).is_file() for n in names)]
+        for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            if (path / index).is_file():
+                shards = sorted(set(json.loads((path / index).read_text()).get("weight_map", {}).values()))
+                missing += [f"weight shard {s}" for s in shards if not (path / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{path}: checkpoint directory is missing {', '.join(missing)}; a {cls.name} "
+                                  "checkpoint saved with save_pretrained (model, tokenizer and processor) has them")
+
+    def load_model(self, path: Path, config: dict):
+        import transformers
+
+        arch = next((a for a in config.get("architectures") or [] if a in self.architectures), self.model_class)
+        cls = getattr(transformers, arch)
+        try:
+            model = cls.from_pretrained(path, dtype=torch.float32)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: transformers could not load the {arch} checkpoint: {e}") from e
+        return arch, model.eval()
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def shipped_files(path: Path) -> dict[str, Path]:
+    """Processor/tokenizer/generation configs copied into the bundle under hf/ (provenance)."""
+    names = ("config.json", "generation_config.json", "tokenizer_config.json", "preprocessor_config.json",
+             "processor_config.json", "chat_template.jinja", "chat_template.json", "special_tokens_map.json")
+    return {f"hf/{n}": path / n for n in names if (path / n).is_file()}
+
+
+def eos_ids(model) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = model.config.get_text_config().eos_token_id
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+
+
+def interpolation(resample, where: str) -> str:
+    value = int(getattr(resample, "value", resample))
+    if value not in RESAMPLE:
+        raise UnsupportedArchitecture(f"{where}: image processor resample={resample} is not supported; supported: "
+                                      + ", ".join(f"{k} ({v})" for k, v in RESAMPLE.items()))
+    return RESAMPLE[value]
+
+
+def normalisation(ip) -> dict:
+    """rescale / mean / std of an HF image processor, as edgevl.preprocess takes them."""
+    return {"rescale": float(ip.rescale_factor) if ip.do_rescale else 1.0,
+            "mean": [float(m) for m in ip.image_mean] if ip.do_normalize else [0.0, 0.0, 0.0],
+            "std": [float(s) for s in ip.image_std] if ip.do_normalize else [1.0, 1.0, 1.0],
+            "channel_order": "RGB"}
+
+
+class HFReference(Reference):
+    """The HF processor and model of a checkpoint, used exactly as a transformers user would."""
+
+    def __init__(self, model, processor, eos: list[int], image_kwargs: dict | None = None,
+                 default_template: str | None = None):
+        self.model, self.processor, self.eos = model, processor, eos
+        self.image_kwargs = dict(image_kwargs or {})
+        self.default_template = default_template
+        self.image_token = processor.image_token
+
+    # -- text ----------------------------------------------------------------------------------
+    def text(self, prompt: str, n_images: int = 1) -> str:
+        """The prompt as the processor's chat template renders it (one user turn, generation prompt)."""
+        if getattr(self.processor, "chat_template", None):
+            content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+            return self.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                      add_generation_prompt=True, tokenize=False)
+        if not self.default_template:
+            raise ExportError("the checkpoint has no chat template and the family has no default prompt template")
+        return render_prompt(self.default_template, prompt, self.image_token, n_images)
+
+    def blank_images(self, n: int, shape: tuple[int, int]) -> list[np.ndarray]:
+        return [np.zeros((*shape, 3), np.uint8) for _ in range(n)]
+
+    def image_block(self, size: tuple[int, int]) -> str:
+        """The exact text the processor expands one image token into."""
+        out = self.processor(text=self.image_token, images=self.blank_images(1, size),
+                             return_text_replacement_offsets=True, **self.image_kwargs)
+        offsets = out["text_replacement_offsets"][0]
+        if len(offsets) != 1:
+            raise ExportError(f"the processor expanded one image into {len(offsets)} pieces; expected one")
+        return offsets[0]["replacement"]
+
+    # -- Reference -----------------------------------------------------------------------------
+    def pixels(self, images: list[np.ndarray]) -> torch.Tensor:
+        out = self.processor.image_processor(images=list(images), return_tensors="pt", **self.image_kwargs)
+        px = out["pixel_values"]
+        return px.reshape(-1, *px.shape[-3:]).float()
+
+    def input_ids(self, prompt: str, n_images: int = 1) -> list[int]:
+        out = self.processor(text=self.text(prompt, n_images), images=self.blank_images(n_images, (32, 32)) or None,
+                             **self.image_kwargs)
+        return [int(i) for i in out["input_ids"][0]]
+
+    @torch.no_grad()
+    def generate(self, images, prompt, max_new_tokens):
+        inputs = self.processor(text=self.text(prompt, len(images)), images=list(images), return_tensors="pt",
+                                **self.image_kwargs)
+        # kwargs outrank the checkpoint's generation_config: plain greedy, nothing else
+        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False,
+                                  num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                                  eos_token_id=self.eos, pad_token_id=self._pad_id())
+        new = [int(t) for t in out[0, inputs["input_ids"].shape[1]:]]
+        stop = next((i for i, t in enumerate(new) if t in self.eos), len(new))
+        return new[:stop]
+
+    def _pad_id(self) -> int:
+        pad = self.model.generation_config.pad_token_id
+        if pad is None:
+            pad = self.model.config.get_text_config().pad_token_id
+        return int(pad if pad is not None else self.eos[0])
+
+
+def derive_prompt(ref: HFReference, tokenizer_file: Path, image_token_id: int, image_size: tuple[int, int],
+                  bos_token_id: int | None, prompts=SAMPLE_PROMPTS) -> tuple[dict, bool]:
+    """-> (prompt spec, add_special_tokens), proved on ``prompts`` against the processor's ids.
+
+    The template is the chat template rendered around a sentinel; the per-image text is the
+    processor's expansion of one image plus whatever the template puts after each image (found
+    by rendering one and two images), so several images render as the processor renders them.
+    """
+    from tokenizers import Tokenizer
+
+    tok = ref.image_token
+    one, two = ref.text(PROMPT_SLOT, 1), ref.text(PROMPT_SLOT, 2)
+    if one.count(tok) != 1 or one.count(PROMPT_SLOT) != 1:
+        raise ExportError(f"the chat template rendered {one!r}: expected one {tok!r} and one prompt slot")
+    head, tail = one.split(tok)
+    second = two.find(tok, len(head) + len(tok))
+    sep = two[len(head) + len(tok):second] if second > 0 else ""
+    if not (tail.startswith(sep) and two == head + (tok + sep) * 2 + tail[len(sep):]):
+        sep = ""   # images not laid out as repeated blocks: single-image prompts stay exact
+    template = (head + "{image}" + tail[len(sep):]).replace(PROMPT_SLOT, "{prompt}")
+    block = ref.image_block(image_size) + sep
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    bos_text = tokenizer.id_to_token(bos_token_id) if bos_token_id is not None else None
+    choices = [(template, False), (template, True)] + ([(bos_text + template, False)] if bos_text else [])
+    expected = {p: ref.input_ids(p, 1) for p in prompts}
+    for tmpl, add in choices:
+        if all(tokenizer.encode(render_prompt(tmpl, p, block, 1), add_special_tokens=add).ids == ids
+               for p, ids in expected.items()):
+            n_image = expected[prompts[0]].count(image_token_id)
+            return {"template": tmpl, "image_block": block, "image_token_id": int(image_token_id),
+                    "image_seq_len": int(n_image)}, add
+    p = prompts[0]
+    got = tokenizer.encode(render_prompt(template, p, block, 1), add_special_tokens=False).ids
+    first = next((i for i, (a, b) in enumerate(zip(got, expected[p])) if a != b), min(len(got), len(expected[p])))
+    raise ExportError(f"tokenizer.json cannot reproduce the processor's input ids for {p!r}: they first differ at "
+                      f"position {first} (tokenizer.json {got[first:first + 8]}, processor "
+                      f"{expected[p][first:first + 8]}); the runtime would build different prompts")
+
+
+def check_vision(where: str, ours: torch.nn.Module, theirs, pixels: torch.Tensor, image_seq_len: int,
+                 atol: float = 1e-4) -> None:
+    """The export's vision module must equal the HF model's own image features on the same pixels."""
+    with torch.no_grad():
+        got = ours(pixels)
+        want = theirs(pixels).reshape(got.shape)
+    if got.shape[1] != image_seq_len:
+        raise ExportError(f"{where}: the vision part gives {got.shape[1]} embeddings per image but the processor "
+                          f"puts {image_seq_len} image tokens in the prompt")
+    diff = float((got - want).abs().max())
+    if diff > atol:
+        raise ExportError(f"{where}: the export's vision module differs from the HF model's image features by "
+                          f"{diff:.3g} (tolerance {atol:g})")

@@ -1,0 +1,103 @@
+"""Export spec for LLaVA (``LlavaForConditionalGeneration``): a CLIP-style vision tower, a
+hidden layer picked by ``vision_feature_layer`` (CLS dropped with the "default" strategy),
+the two-layer ``multi_modal_projector``, and a Llama language model.
+
+Parts: vision = tower + layer selection + projector; embed = the LM's token embedding;
+decoder = the Llama LM as edgevl's Decoder (see hf_llama). Preprocessing is the CLIP image
+processor's: shortest edge to ``size``, centre crop to ``crop_size`` (or a plain resize to
+``height x width`` when the checkpoint does not crop). ``do_pad`` (pad to square first) is not
+reproduced and is refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from edgevl.errors import UnsupportedArchitecture
+from edgevl.exporters.families.base import EmbedPart, ExportableVLM, VisionPart, read_config, register
+from edgevl.exporters.families.hf_base import (SAMPLE_PROMPTS, HFFamilySpec, HFReference, check_vision,
+                                               derive_prompt, eos_ids, interpolation, normalisation, shipped_files)
+from edgevl.exporters.families.hf_llama import check_text_config, llama_to_decoder
+
+DEFAULT_TEMPLATE = "USER: {image}\n{prompt} ASSISTANT:"   # llava-1.5's, for checkpoints with no chat template
+STRATEGIES = ("default", "full")
+
+
+class LlavaVision(torch.nn.Module):
+    """pixel_values (B, 3, H, W) -> projected features of the chosen hidden layer(s) (B, N, D)."""
+
+    def __init__(self, model, feature_layer, strategy: str):
+        super().__init__()
+        self.tower, self.projector = model.model.vision_tower, model.model.multi_modal_projector
+        self.layers = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
+        self.drop_cls = strategy == "default"
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.tower(pixel_values, output_hidden_states=True).hidden_states
+        picked = [hidden[i][:, 1:] if self.drop_cls else hidden[i] for i in self.layers]
+        return self.projector(picked[0] if len(picked) == 1 else torch.cat(picked, dim=-1))
+
+
+def preprocess_spec(ip, where: str) -> tuple[dict, tuple[int, int]]:
+    if getattr(ip, "do_pad", False):
+        raise UnsupportedArchitecture(f"{where}: image processor do_pad=True (pad to square before resizing) is not "
+                                      "supported; supported: shortest-edge resize + centre crop, or a plain resize")
+    size, crop = dict(ip.size), dict(getattr(ip, "crop_size", None) or {})
+    interp = interpolation(ip.resample, where)
+    if ip.do_resize and size.get("shortest_edge") and getattr(ip, "do_center_crop", False):
+        out = (crop["height"], crop["width"])
+        spec = {"size": list(out), "resize_mode": "shortest_edge_center_crop",
+                "resize_shortest": int(size["shortest_edge"]), "interpolation": interp}
+    elif ip.do_resize and size.get("height") and not getattr(ip, "do_center_crop", False):
+        out = (size["height"], size["width"])
+        spec = {"size": list(out), "resize_mode": "stretch", "interpolation": interp}
+    else:
+        raise UnsupportedArchitecture(f"{where}: image processor with size={size}, do_center_crop="
+                                      f"{getattr(ip, 'do_center_crop', None)} is not supported; supported: "
+                                      "shortest_edge + centre crop, or height/width without crop")
+    return {**spec, **normalisation(ip)}, out
+
+
+@register
+class LlavaSpec(HFFamilySpec):
+    name = "llava"
+    architectures = ("LlavaForConditionalGeneration", "llava")
+    model_class = "LlavaForConditionalGeneration"
+
+    def load(self, path: Path) -> ExportableVLM:
+        from transformers import AutoConfig, AutoProcessor
+
+        path = Path(path)
+        where = f"{path} (LLaVA)"
+        config = AutoConfig.from_pretrained(path)
+        check_text_config(config.text_config, where)
+        strategy = config.vision_feature_select_strategy
+        if strategy not in STRATEGIES:
+            raise UnsupportedArchitecture(f"{where}: vision_feature_select_strategy {strategy!r} is not supported; "
+                                          f"supported: {', '.join(STRATEGIES)}")
+        arch, model = self.load_model(path, read_config(path))
+        processor = AutoProcessor.from_pretrained(path)
+        preprocess, out_size = preprocess_spec(processor.image_processor, where)
+        eos = eos_ids(model)
+        ref = HFReference(model, processor, eos, default_template=DEFAULT_TEMPLATE)
+        lm = model.model.language_model
+        decoder = llama_to_decoder(lm, model.lm_head, config.text_config, where)
+        tokenizer_cfg = config.text_config
+        prompt, add_special = derive_prompt(ref, path / "tokenizer.json", config.image_token_id, out_size,
+                                            tokenizer_cfg.bos_token_id)
+        vision = LlavaVision(model, config.vision_feature_layer, strategy).eval()
+        check_vision(where, vision, lambda px: torch.stack(list(model.model.get_image_features(
+            px, vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=strategy).pooler_output)), torch.randn(2, 3, *out_size), prompt["image_seq_len"])
+        return ExportableVLM(
+            name=path.name, family=self.name, architecture=arch, source=str(path),
+            vision=vision, embed=EmbedPart(lm.embed_tokens), decoder=decoder,
+            pixel_shape=(3, *out_size), image_seq_len=prompt["image_seq_len"], preprocess=preprocess,
+            prompt=prompt, tokenizer_file=path / "tokenizer.json",
+            tokenizer={"bos_token_id": tokenizer_cfg.bos_token_id, "eos_token_ids": eos,
+                       "pad_token_id": tokenizer_cfg.pad_token_id, "add_special_tokens": add_special},
+            max_position=int(config.text_config.max_position_embeddings), reference=ref,
+            sample_prompts=SAMPLE_PROMPTS, extra_files=shipped_files(path),
+        ).eval()

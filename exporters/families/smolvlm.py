@@ -1,0 +1,154 @@
+"""Export spec for SmolVLM (``SmolVLMForConditionalGeneration``) and its parent Idefics3
+(``Idefics3ForConditionalGeneration``, which is what the SmolVLM-256M/500M checkpoints declare).
+
+Both are a SigLIP-style vision transformer, a connector (pixel shuffle by ``scale_factor``,
+then one linear layer) and a Llama language model; the modules have the same names in both.
+
+Parts: vision = patch embedding + position embedding of a full (unpadded) image + encoder +
+post-layernorm + connector; embed and decoder as in hf_llama.
+
+**Image splitting is disabled, on purpose, and the manifest says so.** With
+``do_image_splitting`` the processor cuts an image into a grid of up to
+``(size / max_image_size)^2`` crops plus a global view, and the prompt's image block (and the
+number of image tokens) then depends on each image's aspect ratio. edgevl's bundle contract is
+one fixed image block of ``image_seq_len`` tokens per image, which is what batching, KV-cache
+sizing and latency budgets on a device rely on; splitting would also multiply vision cost by
+up to 17x on SmolVLM-256M (4x4 crops + global). So the bundle encodes every image the way the
+processor does with ``do_image_splitting=False`` (the global view alone), the reference checks
+use that setting too, and ``preprocess.image_splitting`` records the decision and the
+checkpoint's own default.
+
+Preprocessing without splitting is two Lanczos resizes, reproduced exactly by
+``longest_edge_even_then_stretch``: longest edge to ``size.longest_edge`` (aspect kept, the
+short edge rounded up to even), then a plain resize to ``max_image_size`` square.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from edgevl.errors import UnsupportedArchitecture
+from edgevl.exporters.families.base import EmbedPart, ExportableVLM, read_config, register
+from edgevl.exporters.families.hf_base import (SAMPLE_PROMPTS, HFFamilySpec, HFReference, check_vision,
+                                               derive_prompt, eos_ids, interpolation, normalisation, read_json,
+                                               shipped_files)
+from edgevl.exporters.families.hf_llama import check_text_config, llama_to_decoder
+
+DEFAULT_TEMPLATE = "<|im_start|>User:{image}{prompt}<end_of_utterance>\nAssistant:"
+NO_SPLITTING = {"do_image_splitting": False}
+
+
+def full_image_position_ids(num_patches_per_side: int, grid: int) -> torch.Tensor:
+    """The position ids SmolVLM/Idefics3 embeddings give a full, unpadded ``grid x grid`` image
+    (their bucketize over fractional coordinates, with an all-ones patch mask)."""
+    boundaries = torch.arange(1 / num_patches_per_side, 1.0, 1 / num_patches_per_side)
+    n = torch.tensor([grid])
+    coords = torch.arange(grid, dtype=torch.float32)[None, :] * (1.0 / n)[:, None]
+    buckets = torch.bucketize(torch.clamp(coords, max=(1.0 - 1e-6)), boundaries, right=True)
+    return (buckets[:, :, None] * num_patches_per_side + buckets[:, None, :]).reshape(1, -1)
+
+
+class Idefics3Vision(torch.nn.Module):
+    """pixel_values (B, 3, S, S) -> connector output (B, (S/patch)^2 / scale^2, D)."""
+
+    def __init__(self, model, image_size: int):
+        super().__init__()
+        vm = model.model.vision_model
+        self.patch_embedding, self.position_embedding = vm.embeddings.patch_embedding, vm.embeddings.position_embedding
+        self.encoder, self.post_layernorm, self.connector = vm.encoder, vm.post_layernorm, model.model.connector
+        grid = image_size // vm.embeddings.patch_size
+        self.register_buffer("position_ids", full_image_position_ids(vm.embeddings.num_patches_per_side, grid),
+                             persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)          # (B, N, C)
+        x = x + self.position_embedding(self.position_ids)
+        x = self.post_layernorm(self.encoder(inputs_embeds=x, attention_mask=None).last_hidden_state)
+        return self.connector(x)
+
+
+def preprocess_spec(ip, where: str) -> tuple[dict, int]:
+    side = int(ip.max_image_size["longest_edge"])
+    interp = interpolation(ip.resample, where)
+    if ip.do_resize:
+        if not dict(ip.size).get("longest_edge"):
+            raise UnsupportedArchitecture(f"{where}: image processor size={dict(ip.size)} is not supported; "
+                                          "supported: size={'longest_edge': N}")
+        spec = {"size": [side, side], "resize_mode": "longest_edge_even_then_stretch",
+                "resize_longest": int(ip.size["longest_edge"]), "interpolation": interp}
+    else:
+        spec = {"size": [side, side], "resize_mode": "stretch", "interpolation": interp}
+    spec["image_splitting"] = {
+        "enabled": False, "checkpoint_default": bool(ip.do_image_splitting),
+        "why": "edgevl bundles encode each image as one fixed block (the processor's do_image_splitting=False "
+               "global view); splitting makes the image token count depend on aspect ratio"}
+    return {**spec, **normalisation(ip)}, side
+
+
+def image_only_processor(path: Path):
+    """SmolVLMProcessor without its video processor (which needs torchvision, and torchvision
+    cannot sit beside torch 2.13 here: MEASURED.md item 11); images need none of it."""
+    import transformers as tf
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageOnlySmolVLMProcessor(tf.SmolVLMProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+        def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+            return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
+
+    config = read_json(path / "processor_config.json")
+    template = (path / "chat_template.jinja").read_text() if (path / "chat_template.jinja").is_file() else \
+        read_json(path / "chat_template.json").get("chat_template") or config.get("chat_template")
+    kwargs = {"image_seq_len": config["image_seq_len"]} if "image_seq_len" in config else {}
+    return ImageOnlySmolVLMProcessor(image_processor=tf.AutoImageProcessor.from_pretrained(path),
+                                     tokenizer=tf.AutoTokenizer.from_pretrained(path), video_processor=None,
+                                     chat_template=template, **kwargs)
+
+
+@register
+class SmolVLMSpec(HFFamilySpec):
+    name = "smolvlm"
+    architectures = ("SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration", "smolvlm", "idefics3")
+    model_class = "SmolVLMForConditionalGeneration"
+
+    def load(self, path: Path, log=print) -> ExportableVLM:
+        from transformers import AutoConfig, AutoProcessor
+
+        path = Path(path)
+        raw = read_config(path)
+        where = f"{path} (SmolVLM/Idefics3)"
+        config = AutoConfig.from_pretrained(path)
+        check_text_config(config.text_config, where)
+        arch, model = self.load_model(path, raw)
+        processor = AutoProcessor.from_pretrained(path) if arch.startswith("Idefics3") else image_only_processor(path)
+        ip = processor.image_processor
+        preprocess, side = preprocess_spec(ip, where)
+        if ip.do_image_splitting:
+            log(f"  {path.name}: image splitting is disabled in the bundle (checkpoint default do_image_splitting="
+                "True); each image is encoded as the processor's global view, see preprocess.image_splitting")
+        eos = eos_ids(model)
+        ref = HFReference(model, processor, eos, image_kwargs=NO_SPLITTING, default_template=DEFAULT_TEMPLATE)
+        text_model = model.model.text_model
+        decoder = llama_to_decoder(text_model, model.lm_head, config.text_config, where)
+        prompt, add_special = derive_prompt(ref, path / "tokenizer.json", config.image_token_id, (side, side),
+                                            config.text_config.bos_token_id)
+        vision = Idefics3Vision(model, side).eval()
+        check_vision(where, vision, lambda px: model.model.get_image_features(px[:, None]).pooler_output[0],
+                     torch.randn(1, 3, side, side), prompt["image_seq_len"])
+        return ExportableVLM(
+            name=path.name, family=self.name, architecture=arch, source=str(path),
+            vision=vision, embed=EmbedPart(text_model.embed_tokens), decoder=decoder,
+            pixel_shape=(3, side, side), image_seq_len=prompt["image_seq_len"], preprocess=preprocess,
+            prompt=prompt, tokenizer_file=path / "tokenizer.json",
+            tokenizer={"bos_token_id": config.text_config.bos_token_id, "eos_token_ids": eos,
+                       "pad_token_id": config.text_config.pad_token_id, "add_special_tokens": add_special},
+            max_position=int(config.text_config.max_position_embeddings), reference=ref,
+            sample_prompts=SAMPLE_PROMPTS, extra_files=shipped_files(path),
+        ).eval()
+

@@ -1,0 +1,164 @@
+"""Quantization recipes: typed, frozen dataclasses, validated before any work starts.
+
+A recipe is everything that decides the numbers of a quantized bundle; it is written into the
+manifest's ``quantization`` field verbatim, so a bundle says how it was made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from edgevl.errors import ConfigError
+
+METHODS = ("minmax", "entropy", "percentile")
+QUANTIZABLE_PARTS = ("vision", "decoder")          # the embed part is a table lookup: it stays float
+EVAL_BACKENDS = ("onnxruntime", "openvino")
+
+
+@dataclass(frozen=True)
+class FloatRule:
+    """Which nodes stay in float, by rule (see float_rules.py for the reasons).
+
+    ``lm_head``: "auto" quantizes the LM head only if that keeps greedy top-1 agreement of the
+    decoder's logits within ``lm_head_tolerance`` on held-out feeds; "float" always keeps it;
+    "int8" always quantizes it. ``extra_float`` are fnmatch patterns of node names to keep float.
+    """
+
+    lm_head: str = "auto"
+    lm_head_tolerance: float = 0.01
+    extra_float: tuple[str, ...] = ()
+
+    def validate(self) -> "FloatRule":
+        if self.lm_head not in ("auto", "float", "int8"):
+            raise ConfigError(f"lm_head rule must be 'auto', 'float' or 'int8', got {self.lm_head!r}")
+        if not 0 <= self.lm_head_tolerance <= 1:
+            raise ConfigError(f"lm_head_tolerance is a fraction in [0, 1], got {self.lm_head_tolerance}")
+        return self
+
+
+@dataclass(frozen=True)
+class PTQRecipe:
+    """Static INT8 post-training quantization to Q/DQ ONNX (ONNX Runtime's quantize_static).
+
+    Weights: per-channel symmetric int8. Activations: per-tensor symmetric int8 (zero point 0,
+    the form TensorRT's explicit quantization requires, so one bundle serves every backend).
+    ``reduce_range`` stores weights in 7 bits: x86 CPUs without VNNI (this Skylake-SP, older
+    edge boxes) run ONNX Runtime's u8s8/s8s8 kernels through vpmaddubsw, whose int16
+    intermediate saturates with full 8-bit weights; measured on edgevl-tiny's vision part the
+    integer kernels then drifted 3.5% (relative L2) from the Q/DQ simulation, and the end
+    result was worse than with 7-bit weights (2.2% vs 3.6% error vs FP32). Turn it off only for
+    bundles that will run on VNNI/ARM/GPU targets alone.
+    """
+
+    method: str = "entropy"
+    samples: int = 64                   # calibration images
+    decoder_prompts: int = 32           # prompts (one image each) run to collect decoder feeds
+    decode_steps: int = 4               # decode steps recorded after each prefill
+    parts: tuple[str, ...] = QUANTIZABLE_PARTS
+    op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
+    per_channel: bool = True
+    reduce_range: bool = True
+    percentile: float = 99.999
+    entropy_bins: int = 2048
+    float_rule: FloatRule = field(default_factory=FloatRule)
+    budget_points: float = 1.0          # allowed accuracy loss (points) on every evaluated backend
+    accept_loss: bool = False           # write the bundle even when the budget is broken
+    eval_scenes: int = 200              # held-out scenes for the budget (5 questions each)
+    eval_split: str = "val"             # budget scenes: validation, so the test split stays untuned
+    eval_backends: tuple[str, ...] = EVAL_BACKENDS   # the installed ones among these are used
+    sensitivity: bool = True            # keep the worst nodes float until the budget holds
+    max_float_nodes: int = 8            # at most this many nodes moved to float by the pass
+    seed: int = 0
+
+    def validate(self) -> "PTQRecipe":
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown calibration method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.samples < 1:
+            raise ConfigError(f"--samples must be at least 1, got {self.samples}")
+        bad = [p for p in self.parts if p not in QUANTIZABLE_PARTS]
+        if bad or not self.parts:
+            raise ConfigError(f"parts {bad or '(none)'} cannot be INT8-quantized; choose from {QUANTIZABLE_PARTS} "
+                              "(the embed part is a lookup table and stays float)")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.budget_points < 0:
+            raise ConfigError(f"--budget is the accuracy loss allowed in points (>= 0), got {self.budget_points}")
+        if self.eval_scenes < 1:
+            raise ConfigError(f"eval_scenes must be at least 1, got {self.eval_scenes}")
+        if self.eval_split not in ("val", "test"):
+            raise ConfigError(f"eval_split must be 'val' or 'test', got {self.eval_split!r}")
+        bad = [b for b in self.eval_backends if b not in EVAL_BACKENDS]
+        if bad:
+            raise ConfigError(f"cannot evaluate on {bad}; choose from {EVAL_BACKENDS}")
+        self.float_rule.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class WeightOnlyRecipe:
+    """Block-wise weight-only quantization of the decoder's MatMuls (activations stay float).
+
+    ``int8-wo`` / ``int4-wo``: symmetric, one scale per ``block_size`` input channels.
+    ``accuracy_level`` is MatMulNBits' compute type on ONNX Runtime: None/0 computes in float
+    (weights dequantized on the fly), 4 quantizes activations to int8 per block (faster, slightly
+    less exact). OpenVINO gets an IR compressed by NNCF with the same bits and group size.
+    """
+
+    bits: int = 8
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int | None = None
+    include_lm_head: bool = True
+    backends: tuple[str, ...] = EVAL_BACKENDS
+
+    @property
+    def precision(self) -> str:
+        return f"int{self.bits}-wo"
+
+    def validate(self) -> "WeightOnlyRecipe":
+        if self.bits not in (4, 8):
+            raise ConfigError(f"weight-only bits must be 4 or 8, got {self.bits}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a power of two >= 16, got {self.block_size}")
+        if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
+            raise ConfigError(f"accuracy_level must be 0-4 or None, got {self.accuracy_level}")
+        bad = [b for b in self.backends if b not in EVAL_BACKENDS]
+        if bad:
+            raise ConfigError(f"weight-only artefacts exist for {EVAL_BACKENDS}, not {bad}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class QATRecipe:
+    """Quantization-aware fine-tuning with NNCF fake quantization, then native Q/DQ export."""
+
+    steps: int = 300
+    batch_scenes: int = 8               # images per step, each with its five questions
+    lr: float = 5e-5                    # quantizer scales and weights (MEASURED.md item 8)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    calib_samples: int = 32             # images for NNCF's initial range calibration
+    decoder_prompts: int = 16
+    eval_scenes: int = 200
+    eval_split: str = "val"
+    eval_backends: tuple[str, ...] = EVAL_BACKENDS
+    seed: int = 0
+    threads: int | None = None
+
+    def validate(self) -> "QATRecipe":
+        if self.steps < 0:
+            raise ConfigError(f"--steps must be >= 0, got {self.steps}")
+        if self.batch_scenes < 1 or self.calib_samples < 1 or self.decoder_prompts < 1:
+            raise ConfigError("batch_scenes, calib_samples and decoder_prompts must be at least 1")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,206 @@
+"""Tiny random-weight Hugging Face VLM checkpoints, built locally (no hub), for the family tests.
+
+Each builder writes a directory in the ``save_pretrained`` layout a real checkpoint has: model
+weights and config, a small byte-level BPE tokenizer (HF ``tokenizers``) wrapped in
+``PreTrainedTokenizerFast`` with the family's special tokens and chat template, the family's
+image processor and its processor. Models are a few hundred thousand parameters so export and
+all checks take seconds. Weights are drawn with a larger init range than the default so logits
+are peaked: greedy tokens then do not hinge on float noise between PyTorch and ONNX.
+
+``build(family, root)`` builds one and caches it under ``root`` (tests pass a session tmp dir).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+FAMILIES = ("llava", "smolvlm", "idefics3", "deepseek_vl")
+
+_CORPUS = [
+    "describe the image in one sentence.", "what color is the circle?", "how many shapes are there?",
+    "is there a red square on the left?", "the quick brown fox jumps over the lazy dog.",
+    "a photo of a cat sitting on a table next to a window.", "USER: ASSISTANT: User: Assistant:",
+    "You are a helpful language and vision assistant.", "where is the blue triangle? top left, bottom right.",
+    "count the objects: one two three four five six seven eight nine ten.",
+]
+
+LLAVA_CHAT = ("{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+              "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+              "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}"
+              "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+SMOLVLM_CHAT = ("<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+                "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+                "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+                "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+                "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+DEEPSEEK_CHAT = ("{{ 'You are a helpful language and vision assistant.\n\n' }}{% for message in messages %}"
+                 "{{ message['role'] | capitalize + ': ' }}{% for c in message['content'] %}"
+                 "{% if c['type'] == 'image' %}{{ '<image_placeholder>' }}{% elif c['type'] == 'text' %}{{ c['text'] }}"
+                 "{% endif %}{% endfor %}{{ '\n\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+
+
+def make_tokenizer(specials: list[str], bos: str | None, eos: str, add_bos: bool, **named):
+    """A byte-level BPE (a few hundred tokens) with ``specials`` as added special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    if add_bos and bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=None,
+                                   pad_token="<pad>", **named)
+
+
+def _llama(vocab: int, bos: int | None, eos: int, pad: int, **kw):
+    from transformers import LlamaConfig
+
+    base = dict(vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, initializer_range=0.5,
+                bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False)
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def _finish(model, out: Path, eos: int) -> None:
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = model.config.get_text_config().pad_token_id
+    model.save_pretrained(out)
+
+
+def build_llava(out: Path) -> Path:
+    import torch
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, \
+        LlavaProcessor
+
+    tok = make_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], bos="<s>", eos="</s>", add_bos=True)
+    ids = tok.convert_tokens_to_ids
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=32, initializer_range=0.5)
+    text = _llama(len(tok), ids("<s>"), ids("</s>"), ids("<pad>"))
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=ids("<image>"),
+                         vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=16)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    # vision_feature_select_strategy="default" drops CLS, so the processor must count it (MEASURED.md item 12)
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=LLAVA_CHAT)
+    _finish(model, out, ids("</s>"))
+    processor.save_pretrained(out)
+    return out
+
+
+def _smol_tokenizer():
+    specials = ["<|endoftext|>", "<|im_start|>", "<pad>", "<end_of_utterance>", "<fake_token_around_image>",
+                "<global-img>", "<image>"] + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+    return make_tokenizer(specials, bos="<|im_start|>", eos="<end_of_utterance>", add_bos=False,
+                          fake_image_token="<fake_token_around_image>", image_token="<image>",
+                          end_of_utterance_token="<end_of_utterance>", global_image_token="<global-img>")
+
+
+def build_smolvlm(out: Path, idefics3: bool = False) -> Path:
+    import torch
+    import transformers as tf
+
+    tok = _smol_tokenizer()
+    ids = tok.convert_tokens_to_ids
+    text = _llama(len(tok), ids("<|im_start|>"), ids("<end_of_utterance>"), ids("<pad>"), tie_word_embeddings=True)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=4, initializer_range=0.5)
+    torch.manual_seed(1)
+    if idefics3:
+        config = tf.Idefics3Config(vision_config=tf.Idefics3VisionConfig(**vision), text_config=text,
+                                   image_token_id=ids("<image>"), scale_factor=2, tie_word_embeddings=True)
+        model = tf.Idefics3ForConditionalGeneration(config).eval()
+        image_processor = tf.Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
+                                                       do_image_splitting=True)
+        processor = tf.Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=16,
+                                         chat_template=SMOLVLM_CHAT)
+    else:
+        config = tf.SmolVLMConfig(vision_config=tf.SmolVLMVisionConfig(**vision), text_config=text,
+                                  image_token_id=ids("<image>"), scale_factor=2, tie_word_embeddings=True)
+        model = tf.SmolVLMForConditionalGeneration(config).eval()
+        image_processor = tf.SmolVLMImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
+                                                      do_image_splitting=True)
+        processor = None
+    _finish(model, out, ids("<end_of_utterance>"))
+    if processor is not None:
+        processor.save_pretrained(out)
+    else:
+        # SmolVLMProcessor cannot be built without torchvision (its video processor needs it, MEASURED.md
+        # item 11), so write its files the way the SmolVLM checkpoints on the hub ship them.
+        image_processor.save_pretrained(out)
+        tok.save_pretrained(out)
+        (out / "processor_config.json").write_text(json.dumps({"image_seq_len": 16,
+                                                               "processor_class": "SmolVLMProcessor"}))
+        (out / "chat_template.json").write_text(json.dumps({"chat_template": SMOLVLM_CHAT}))
+    return out
+
+
+def build_deepseek_vl(out: Path) -> Path:
+    import torch
+    import transformers as tf
+
+    bos, eos = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+    tok = make_tokenizer(["<unk>", bos, eos, "<pad>", "<image_placeholder>"], bos=bos, eos=eos, add_bos=True,
+                         image_token="<image_placeholder>")
+    ids = tok.convert_tokens_to_ids
+    vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   image_size=32, patch_size=8, vision_use_head=False)
+    text = _llama(len(tok), ids(bos), ids(eos), ids("<pad>"), tie_word_embeddings=True)
+    config = tf.DeepseekVLConfig(vision_config=vision, text_config=text, image_token_id=ids("<image_placeholder>"))
+    torch.manual_seed(2)
+    model = tf.DeepseekVLForConditionalGeneration(config).eval()
+    _scale_init(model, 0.5)
+    image_processor = tf.DeepseekVLImageProcessorPil(size={"height": 32, "width": 32}, min_size=4)
+    processor = tf.DeepseekVLProcessor(image_processor=image_processor, tokenizer=tok, num_image_tokens=16,
+                                       chat_template=DEEPSEEK_CHAT)
+    _finish(model, out, ids(eos))
+    processor.save_pretrained(out)
+    return out
+
+
+def _scale_init(model, std: float) -> None:
+    """Re-draw linear/embedding weights with a larger std (SigLIP and some towers ignore initializer_range)."""
+    import torch
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv2d)):
+                module.weight.normal_(0.0, std / max(1.0, module.weight.shape[-1] ** 0.5) * 4)
+
+
+def build_not_a_vlm(out: Path) -> Path:
+    """A plain Llama causal LM: a real HF checkpoint that is not a VLM (must be refused)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(3)
+    LlamaForCausalLM(_llama(64, 1, 2, 0)).save_pretrained(out)
+    return out
+
+
+BUILDERS = {
+    "llava": build_llava,
+    "smolvlm": build_smolvlm,
+    "idefics3": lambda out: build_smolvlm(out, idefics3=True),
+    "deepseek_vl": build_deepseek_vl,
+    "llama": build_not_a_vlm,
+}
+
+
+def build(family: str, root: Path) -> Path:
+    """The tiny checkpoint of ``family`` under ``root`` (built on first use, then reused)."""
+    out = Path(root) / family
+    if (out / "config.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    return BUILDERS[family](out)

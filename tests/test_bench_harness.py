@@ -1,0 +1,130 @@
+"""The benchmark harness end to end on fake subjects (real worker processes, no models):
+interleaved rounds, the JSON schema, failure isolation, speed-up arithmetic, Markdown, plots."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgevl.benchmarks.bundles import BuildUnavailable, build_bundle
+from edgevl.benchmarks.orchestrate import run_plan
+from edgevl.benchmarks.report import ROW_KEYS, document, markdown, write_json
+from edgevl.benchmarks.variants import Plan, Settings, Setup
+
+MACHINE = {"cpu": "test cpu", "usable_cores": 2, "memory_gb": 1.0, "flags": ["avx2"]}
+BANDWIDTH = {"copy_gb_s": 10.0, "read_gb_s": 10.0}
+
+TORCH = Setup("fake", "pytorch", "pytorch", "fp32")
+FAST = Setup("fake", "edgevl", "onnxruntime", "fp32")
+UNBUILDABLE = Setup("fake", "edgevl", "openvino", "int8")
+CRASHES = Setup("fake", "edgevl", "openvino", "fp32")
+
+SPECS = {
+    TORCH.key: {"kind": "fake", "vision_ms": 4.0, "prefill_ms": 4.0, "step_ms": 2.0},
+    FAST.key: {"kind": "fake", "vision_ms": 1.0, "prefill_ms": 1.0, "step_ms": 0.5},
+    CRASHES.key: {"kind": "fake", "fail": "round"},
+}
+
+
+def prepare(setup: Setup) -> dict:
+    if setup == UNBUILDABLE:
+        raise BuildUnavailable("precision 'int8' needs the quantizing builder (test)")
+    return dict(SPECS[setup.key])
+
+
+@pytest.fixture(scope="module")
+def doc(tmp_path_factory):
+    settings = Settings(new_tokens=6, positions=(64, 512), position_steps=4, rounds=2, budget_s=0.4,
+                        generate_batches=(1,), accuracy_scenes=0, overhead_pairs=0, pause_s=0.0, warmup=1)
+    plan = Plan([TORCH, FAST, UNBUILDABLE, CRASHES], (1, 2), settings)
+    logs = tmp_path_factory.mktemp("logs")
+    runs = run_plan(plan, prepare, log_dir=logs, progress=False, log=lambda m: None)
+    return document(runs, plan.batches, MACHINE, BANDWIDTH, settings.to_dict())
+
+
+def _row(doc, setup, batch):
+    return next(r for r in doc["variants"] if r["key"] == f"{setup.key}/b{batch}")
+
+
+def test_every_variant_has_a_row_with_the_schema(doc):
+    assert len(doc["variants"]) == 4 * 2
+    for row in doc["variants"]:
+        for key in ROW_KEYS:
+            assert key in row, key
+    assert doc["machine"] == MACHINE and doc["bandwidth"] == BANDWIDTH
+    json.loads(json.dumps(doc))                       # plain JSON all the way down
+
+
+def test_measured_rows_have_numbers(doc):
+    row = _row(doc, FAST, 1)
+    assert row["status"] == "ok" and row["error"] is None
+    for key in ("vision_ms_p50", "ttft_ms_p50", "decode_tok_s", "e2e_ms_p50", "peak_rss_mb", "size_mb"):
+        assert row[key] is not None and row[key] > 0, key
+    assert row["vision_ms_p10"] <= row["vision_ms_p50"] <= row["vision_ms_p90"]
+    assert row["vision_ms_n"] >= 2                    # at least one sample per round
+    assert row["size_mb"] == 4.0 and row["decoder_weight_mb"] == 2.0
+    # 10 GB/s over 2 MB of weights per token
+    assert row["decode_ceiling_tok_s"] == pytest.approx(5000.0)
+    assert row["decode_ceiling_fraction"] == pytest.approx(row["decode_tok_s"] / 5000.0, abs=1e-4)
+    assert set(row["decode_tok_s_at"]) == {"64", "507"}   # 512 clamped to the fake's 512-token context
+    # batch 2: vision only (generation measured at batch 1), its own memory reading
+    row2 = _row(doc, FAST, 2)
+    assert row2["vision_ms_p50"] is not None and row2["ttft_ms_p50"] is None and row2["decode_tok_s"] is None
+    assert row2["peak_rss_mb"] >= row["peak_rss_mb"]
+
+
+def test_speedups_are_ratios_to_pytorch(doc):
+    torch_row, fast = _row(doc, TORCH, 1), _row(doc, FAST, 1)
+    assert torch_row["speedup_vs_torch"] == pytest.approx(1.0)
+    assert fast["speedup_metric"] == "e2e"
+    assert fast["speedup_vs_torch"] == pytest.approx(torch_row["e2e_ms_p50"] / fast["e2e_ms_p50"], rel=1e-2)
+    assert fast["speedups_vs_torch"]["decode"] == pytest.approx(fast["decode_tok_s"] / torch_row["decode_tok_s"],
+                                                                rel=1e-2)
+    assert fast["speedup_vs_torch"] > 1               # the fake is 4x cheaper (a busy machine blurs it)
+    fast2 = _row(doc, FAST, 2)
+    assert fast2["speedup_metric"] == "vision" and fast2["speedup_vs_torch"] > 1
+
+
+def test_failed_build_is_reported_and_others_still_run(doc):
+    for batch in (1, 2):
+        row = _row(doc, UNBUILDABLE, batch)
+        assert row["status"] == "failed"
+        assert "build failed" in row["error"] and "quantizing builder" in row["error"]
+        assert row["vision_ms_p50"] is None and row["speedup_vs_torch"] is None
+    crashed = _row(doc, CRASHES, 1)
+    assert crashed["status"] == "failed" and "told to fail at round" in crashed["error"]
+    assert _row(doc, FAST, 2)["status"] == "ok" and _row(doc, TORCH, 2)["status"] == "ok"
+
+
+def test_markdown_table_renders(doc):
+    text = markdown(doc)
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| model"))
+    assert lines[header + 1].startswith("|---")
+    body = [line for line in lines[header + 2:] if line.startswith("|")]
+    assert len(body) == 8
+    cols = lines[header].count("|")
+    assert all(line.count("|") == cols for line in body if "failed" not in line)
+    assert "PyTorch eager fp32" in text and "1.00x (ref)" in text
+    assert "failed: build failed" in text
+    assert "10.0 GB/s" in text
+
+
+def test_json_and_plots_are_written(doc, tmp_path):
+    path = write_json(doc, tmp_path / "out" / "bench.json")
+    assert json.loads(path.read_text())["schema"] == "edgevl-bench/1"
+    pytest.importorskip("matplotlib", reason="plots need matplotlib (dev extra)")
+    from edgevl.benchmarks.plots import plot_all
+
+    written = plot_all(doc, tmp_path / "plots")
+    assert {p.name for p in written} >= {"latency.png", "tokens_per_s.png"}
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
+
+
+def test_build_without_the_quantizing_builder_says_what_to_do(tmp_path, monkeypatch):
+    import edgevl.benchmarks.bundles as bundles
+
+    monkeypatch.setattr(bundles, "_real_builder", lambda: None)
+    with pytest.raises(BuildUnavailable, match="fp32"):
+        build_bundle("edgevl-tiny", "openvino", "int8", tmp_path / "b", log=lambda m: None)

@@ -1,0 +1,180 @@
+"""Hugging Face families (LLaVA, SmolVLM, Idefics3, DeepSeek-VL) on tiny random-weight checkpoints
+built locally (tests/hf_tiny.py): export parity, and the runtime on ONNX Runtime and OpenVINO
+against the HF processor and the HF model's own greedy ``generate``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import BACKENDS, has_module, needs_torch
+
+pytestmark = [needs_torch, pytest.mark.skipif(not has_module("transformers"),
+                                              reason="needs transformers: pip install edgevl[export]")]
+
+FAMILIES = ("llava", "smolvlm", "idefics3", "deepseek_vl")
+PROMPTS = ("describe the image.", "what color is the circle?")
+N_TOKENS = 16
+
+
+def two_images() -> list[np.ndarray]:
+    """A square scene and a wide, cropped one, so every resize path (crop, pad, aspect) runs."""
+    from edgevl.data.world import make_scene
+
+    a = make_scene("test", 7, seed=99).image()
+    b = np.ascontiguousarray(np.concatenate([make_scene("test", 8, seed=99).image()] * 2, axis=1)[5:50])
+    return [a, b]
+
+
+@pytest.fixture(scope="session")
+def hf_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("hf_tiny")
+
+
+@pytest.fixture(scope="session")
+def exported(hf_root):
+    """family -> (bundle path, ExportableVLM): each family exported once per session."""
+    import hf_tiny
+
+    from edgevl.exporters.export import export_model, load_exportable
+
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            ckpt = hf_tiny.build(family, hf_root)
+            out = hf_root / "bundles" / family
+            export_model(ckpt, out, log=lambda *a: None)
+            cache[family] = (out, load_exportable(ckpt))
+        return cache[family]
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_parity_and_greedy(exported, family):
+    bundle, _ = exported(family)
+    report = json.loads((bundle / "parity.json").read_text())
+    assert {p["part"] for p in report["parts"]} == {"vision", "embed", "decoder"}
+    for part in report["parts"]:
+        assert part["passed"], part
+        assert all(o["max_abs"] <= 1e-4 for o in part["outputs"]), part
+    greedy = report["greedy"]
+    assert len(greedy) == 3 and all(g["match"] for g in greedy)
+    assert all(len(g["pytorch"]) >= 8 for g in greedy)      # real generations, not an immediate stop
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_runtime_tokens_equal_hf_generate(exported, family, backend):
+    import edgevl
+
+    bundle, vlm = exported(family)
+    images = two_images()
+    got = {}
+    with edgevl.load(bundle, backend=backend, verbose=False) as model:
+        for i, image in enumerate(images):
+            for prompt in PROMPTS:
+                result = model.generate(image, prompt, channels="rgb", max_new_tokens=N_TOKENS)
+                expected = vlm.reference.generate([image], prompt, N_TOKENS)
+                assert result.tokens == expected, (family, backend, i, prompt)
+                got[i, prompt] = tuple(result.tokens)
+    assert any(got[0, p] != got[1, p] for p in PROMPTS)   # the image reaches the answer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_runtime_prompt_ids_and_pixels_equal_processor(exported, family):
+    import edgevl
+
+    bundle, vlm = exported(family)
+    ref = vlm.reference
+    with edgevl.load(bundle, backend="onnxruntime", verbose=False) as model:
+        for prompt in PROMPTS + ("Is it RED, or blue?!  two  spaces, émoji ☺", ""):
+            assert model.engine.encode_prompt(prompt, 1).tolist() == ref.input_ids(prompt, 1), prompt
+        rng = np.random.default_rng(0)
+        shapes = [(64, 64), (40, 56), (97, 33), (20, 24), (33, 97)]
+        images = two_images() + [rng.integers(0, 256, (*s, 3), dtype=np.uint8) for s in shapes]
+        for image in images:
+            ours = model.pixels([image], channels="rgb")
+            theirs = ref.pixels([image]).numpy()
+            assert ours.shape == theirs.shape, image.shape
+            np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5, err_msg=str(image.shape))
+
+
+@pytest.mark.slow
+def test_smolvlm_manifest_records_disabled_image_splitting(exported):
+    from edgevl.bundle import load_bundle
+
+    m = load_bundle(exported("smolvlm")[0]).manifest
+    split = m["preprocess"]["image_splitting"]
+    assert split["enabled"] is False and split["checkpoint_default"] is True and split["why"]
+    assert m["prompt"]["image_block"].startswith("<fake_token_around_image><global-img><image>")
+    assert m["prompt"]["image_block"].count("<image>") == m["prompt"]["image_seq_len"] == 16
+
+
+def test_unsupported_architecture_lists_supported(hf_root):
+    import hf_tiny
+
+    from edgevl.errors import UnsupportedArchitecture
+    from edgevl.exporters.export import export_model
+
+    ckpt = hf_tiny.build("llama", hf_root)
+    with pytest.raises(UnsupportedArchitecture) as e:
+        export_model(ckpt, hf_root / "never", log=lambda *a: None)
+    msg = str(e.value)
+    assert "LlamaForCausalLM" in msg
+    for name in ("LlavaForConditionalGeneration", "SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration",
+                 "DeepseekVLForConditionalGeneration"):
+        assert name in msg
+    assert not (hf_root / "never").exists()
+
+
+def test_unsupported_rope_type_is_refused(hf_root, tmp_path):
+    import hf_tiny
+
+    from edgevl.errors import UnsupportedArchitecture
+    from edgevl.exporters.export import load_exportable
+
+    ckpt = tmp_path / "llava-yarn"
+    shutil.copytree(hf_tiny.build("llava", hf_root), ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["text_config"]["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0,
+                                                "original_max_position_embeddings": 256}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedArchitecture, match="yarn.*default, linear, llama3"):
+        load_exportable(ckpt)
+
+
+def test_non_llama_text_model_is_refused(hf_root, tmp_path):
+    import hf_tiny
+
+    from edgevl.errors import UnsupportedArchitecture
+    from edgevl.exporters.export import load_exportable
+
+    ckpt = tmp_path / "llava-mistral"
+    shutil.copytree(hf_tiny.build("llava", hf_root), ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["text_config"]["model_type"] = "mistral"
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedArchitecture, match="'mistral'.*Llama-style"):
+        load_exportable(ckpt)
+
+
+def test_checkpoint_missing_weights_names_them(hf_root, tmp_path):
+    import hf_tiny
+
+    from edgevl.errors import CheckpointError
+    from edgevl.exporters.export import export_model
+
+    ckpt = tmp_path / "no-weights"
+    shutil.copytree(hf_tiny.build("deepseek_vl", hf_root), ckpt)
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match=r"weights \(model\.safetensors.*tokenizer \(tokenizer\.json\)"):
+        export_model(ckpt, tmp_path / "out", log=lambda *a: None)
+    assert not (tmp_path / "out").exists()
