@@ -18,11 +18,13 @@ DEFINITIONS = {
     "e2e_ms": "ttft + decode of the remaining new_tokens - 1 tokens",
     "decode_tok_s_at": "decode tokens/s with the KV cache already holding that many positions (batch 1 rows only "
                        "where generation is measured); positions are clamped to the model's context",
-    "peak_rss_mb": "peak resident memory of the variant's own worker process after its batch phase (ru_maxrss); "
-                   "process_peak_rss_mb is its whole life incl. accuracy/overhead checks (wait4, like /usr/bin/time -v)",
+    "peak_rss_mb": "peak resident memory (VmHWM, what /usr/bin/time -v calls maximum resident set size) of the "
+                   "variant's own worker process after its phase for this batch and all smaller ones; "
+                   "process_peak_rss_mb is its whole life incl. the accuracy and overhead checks",
     "size_mb": "model files on disk (bundle graphs and weights; safetensors for PyTorch)",
     "speedup_vs_torch": "ratio to PyTorch eager FP32 of the same model and batch: end to end when measured, else vision",
-    "decode_ceiling_tok_s": "memory copy bandwidth / bytes of decoder weights read per step, times batch",
+    "decode_ceiling_tok_s": "memory copy bandwidth / bytes of decoder weights read per step, times batch "
+                            "(KV-cache reads ignored; meaningless where weights_fit_in_cache)",
     "vision_overhead": "edgevl Engine.encode_images vs the bare backend call on the same compiled graph, alternated",
 }
 
@@ -35,12 +37,16 @@ def run_bench(models: list[str], targets: list[str], precisions: list[str], batc
               settings: Settings, json_path: str | Path, markdown_path: str | Path | None = None,
               plots_dir: str | Path | None = None, peers: list[str] | None = None,
               cache_dir: str | Path | None = None, rebuild: bool = False, progress: bool = True,
-              log=lambda m: print(m, file=sys.stderr)) -> dict:
+              prepare_only: bool = False, log=lambda m: print(m, file=sys.stderr)) -> dict:
     from edgevl.benchmarks.machine import copy_bandwidth, machine_info
     from edgevl.benchmarks.orchestrate import run_plan
     from edgevl.benchmarks.prepare import Preparer
     from edgevl.benchmarks.report import document, markdown, write_json
 
+    if progress:                        # keep log lines from tearing the progress bar
+        from tqdm import tqdm
+
+        log = lambda m: tqdm.write(str(m), file=sys.stderr)  # noqa: E731
     started = _dt.datetime.now(_dt.timezone.utc)
     t0 = time.perf_counter()
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -55,7 +61,10 @@ def run_bench(models: list[str], targets: list[str], precisions: list[str], batc
         f"{settings.rounds} rounds, budget {settings.budget_s:.0f} s; memory copy {bandwidth['copy_gb_s']} GB/s")
     log_dir = cache_dir / "logs" / started.strftime("%Y%m%d-%H%M%S")
     preparer = Preparer(cache_dir, threads, rebuild=rebuild, log=log)
-    runs = run_plan(plan, preparer, log_dir=log_dir, progress=progress, log=log)
+    runs = run_plan(plan, preparer, log_dir=log_dir, progress=progress, log=log, prepare_only=prepare_only)
+    if prepare_only:
+        return {"prepared": {r.setup.key: ({"error": r.error} if r.status != "ok" else r.prepared) for r in runs},
+                "duration_s": round(time.perf_counter() - t0, 1)}
     doc = document(runs, plan.batches, machine, bandwidth, settings.to_dict(), extra={
         "started": started.isoformat(timespec="seconds"),
         "duration_s": round(time.perf_counter() - t0, 1),

@@ -42,7 +42,11 @@ def build_bundle(model: str | Path, target: str, precision: str, out: str | Path
     """Build a bundle of ``model`` for ``target`` at ``precision`` into ``out`` (replaced)."""
     real = _real_builder()
     if real is not None:
-        bundle = real(str(model), target=target, precision=precision, out=str(out))
+        import inspect
+
+        accepted = inspect.signature(real).parameters
+        extra = {k: v for k, v in (("force", True), ("log", log), ("progress", False)) if k in accepted}
+        bundle = real(str(model), target=target, precision=precision, out=str(out), **extra)
         return Path(getattr(bundle, "path", out))
     if precision != "fp32":
         raise BuildUnavailable(f"precision {precision!r} needs the quantizing builder {BUILD_MODULE}.build_bundle, "
@@ -84,8 +88,3 @@ def cached_bundle(cache_dir: Path, name: str, key: str, build: Callable[[Path], 
             shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(build(out)), False
-
-
-def dir_size_bytes(path: Path, suffixes: tuple[str, ...] | None = None) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*")
-               if p.is_file() and (suffixes is None or p.suffix in suffixes))

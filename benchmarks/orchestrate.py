@@ -7,8 +7,7 @@ between workers so one backend's spinning threads do not slow the next (MEASURED
 Drift of the shared machine then hits every variant alike, and ratios inside one run hold.
 After each batch size every worker reports its peak resident memory so far, so a batch-1 row's
 memory is read before any larger batch ran. Last, each worker measures accuracy and edgevl's
-vision overhead (after the memory readings) and exits; ``wait4`` gives the whole process's
-peak memory too, as ``/usr/bin/time -v`` would.
+vision overhead (after the memory readings), reports its whole-life peak and exits.
 """
 
 from __future__ import annotations
@@ -41,7 +40,6 @@ class WorkerProcess:
         safe = setup.key.replace("/", "_").replace(":", "_")
         self.log_path = Path(log_dir) / f"{safe}.log"
         self.proc: subprocess.Popen | None = None
-        self.rusage = None
 
     def start(self) -> None:
         command = self.spec.get("command") or WORKER_CMD
@@ -73,7 +71,7 @@ class WorkerProcess:
         return reply
 
     def close(self) -> None:
-        """Ask the worker to quit and reap it with wait4, keeping its resource usage."""
+        """Ask the worker to quit; kill it if it does not within 30 s."""
         if self.proc is None:
             if getattr(self, "_log", None):
                 self._log.close()
@@ -84,25 +82,16 @@ class WorkerProcess:
                 self.proc.stdin.flush()
             except (BrokenPipeError, OSError):
                 pass
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                pid, status, rusage = os.wait4(self.proc.pid, os.WNOHANG)
-                if pid:
-                    self.rusage = rusage
-                    self.proc.returncode = os.waitstatus_to_exitcode(status)
-                    break
-                time.sleep(0.05)
-            else:
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.proc.stdin:
-            self.proc.stdin.close()
-        self.proc.stdout.close()
-        self._log.close()
-
-    @property
-    def process_peak_rss_mb(self) -> float | None:
-        return self.rusage.ru_maxrss / 1024.0 if self.rusage else None
+        for stream in (self.proc.stdin, self.proc.stdout, self._log):
+            try:
+                stream.close()
+            except (BrokenPipeError, OSError):
+                pass
 
 
 @dataclass
@@ -141,26 +130,29 @@ Prepare = Callable[[Setup], dict]       # setup -> worker subject spec (raises o
 
 
 def run_plan(plan: Plan, prepare: Prepare, log_dir: Path | None = None, progress: bool = True,
-             log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> list[SetupRun]:
+             log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+             prepare_only: bool = False) -> list[SetupRun]:
+    """Measure every setup of ``plan``; ``prepare_only`` builds (caches) bundles and stops."""
     s = plan.settings
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="edgevl-bench-logs-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     n_batches = len(plan.batches)
     per_call = s.budget_s / max(1, len(plan.setups) * n_batches * s.rounds)
-    total = len(plan.setups) * (3 + n_batches * s.rounds)
+    total = len(plan.setups) * (1 if prepare_only else 3 + n_batches * s.rounds)
     bar = _progress(total, progress)
     runs: list[SetupRun] = []
     try:
         for model in plan.models():
             group = [SetupRun(setup) for setup in plan.setups if setup.model == model]
             runs += group
-            _measure_group(group, plan, prepare, log_dir, per_call, bar, log)
+            _measure_group(group, plan, prepare, log_dir, per_call, bar, log, prepare_only)
     finally:
         bar.close()
     return runs
 
 
-def _measure_group(group: list[SetupRun], plan: Plan, prepare: Prepare, log_dir: Path, per_call: float, bar, log):
+def _measure_group(group: list[SetupRun], plan: Plan, prepare: Prepare, log_dir: Path, per_call: float, bar, log,
+                   prepare_only: bool = False):
     s = plan.settings
     workers: dict[str, WorkerProcess] = {}
     for run in group:
@@ -173,6 +165,19 @@ def _measure_group(group: list[SetupRun], plan: Plan, prepare: Prepare, log_dir:
             run.fail(f"build failed: {type(e).__name__}: {e}")
             log(f"bench: {run.setup.key}: {run.error}")
         bar.update(1)
+    if prepare_only:
+        for run in group:       # peers in their own venv export at load: do that once now too
+            if run.status == "ok" and run.spec.get("kind") == "venv-peer":
+                worker = WorkerProcess(run.setup, run.spec, log_dir)
+                try:
+                    worker.start()
+                    worker.request({"cmd": "load", "subject": run.spec, "settings": s.to_dict()})
+                except (WorkerFailed, OSError) as e:
+                    run.fail(f"load failed: {e}")
+                    log(f"bench: {run.setup.key}: {run.error}")
+                finally:
+                    worker.close()
+        return
     try:
         for run in group:
             bar.set_postfix_str(f"load {run.setup.key}")
@@ -222,6 +227,7 @@ def _measure_group(group: list[SetupRun], plan: Plan, prepare: Prepare, log_dir:
                 try:
                     run.finish = worker.request({"cmd": "finish", "accuracy_scenes": s.accuracy_scenes,
                                                  "overhead_pairs": s.overhead_pairs})
+                    run.process_peak_rss_mb = run.finish.get("process_peak_rss_mb")
                 except WorkerFailed as e:           # measurements so far stand; the extra is missing
                     run.finish = {"error": str(e)}
                     log(f"bench: {run.setup.key}: accuracy/overhead failed: {e}")
@@ -231,7 +237,6 @@ def _measure_group(group: list[SetupRun], plan: Plan, prepare: Prepare, log_dir:
             worker = workers.pop(run.setup.key, None)
             if worker is not None:
                 worker.close()
-                run.process_peak_rss_mb = worker.process_peak_rss_mb
 
 
 class _NoBar:

@@ -96,7 +96,15 @@ def ort_dynamic_bundle(model: str, preparer) -> tuple[Path, bool, str]:
 
 
 def quantize_bundle_dynamic(src: Path, out: Path, parts=("vision", "decoder")) -> Path:
+    import logging
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # ORT logs a "consider pre-processing" hint per graph on the root logger; the peer is plain
+    # quantize_dynamic on purpose, so the hint is noise here
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
 
     from edgevl.bundle import BundleWriter, load_bundle
 
@@ -119,3 +127,5 @@ def quantize_bundle_dynamic(src: Path, out: Path, parts=("vision", "decoder")) -
     except BaseException:
         writer.abort()
         raise
+    finally:
+        root.setLevel(level)

@@ -11,7 +11,6 @@ import time
 
 import numpy as np
 
-from edgevl.benchmarks.bundles import dir_size_bytes
 from edgevl.benchmarks.subject import GenerationTiming, Subject
 
 
@@ -82,15 +81,15 @@ class EdgeVLSubject(Subject):
     def describe(self) -> dict:
         bundle = self.vlm.bundle
         files = bundle.manifest["files"]
-        decoder_files = {bundle.parts["decoder"]["onnx"]}
-        decoder_files |= {rel for rel in files if rel.startswith(bundle.parts["decoder"]["onnx"] + ".")}
-        decoder_files |= {rel for rel in files if rel.startswith("decoder") and rel.endswith((".data", ".bin"))}
+        loaded = {part: _loaded_files(bundle, part, self.backend) for part in bundle.parts}
         return {
-            "size_bytes": dir_size_bytes(bundle.path, (".onnx", ".data", ".bin", ".xml", ".engine", ".plan")),
+            # what this backend loads (an OpenVINO bundle also carries the ONNX it came from)
+            "size_bytes": sum(files[r]["bytes"] for rels in loaded.values() for r in rels),
             # one decode step reads every decoder weight (the embedding part reads one row)
-            "decoder_weight_bytes": sum(files[r]["bytes"] for r in decoder_files if r in files),
+            "decoder_weight_bytes": sum(files[r]["bytes"] for r in loaded["decoder"] if not r.endswith(".xml")),
             "image_tokens": int(bundle.manifest["prompt"]["image_seq_len"]),
             "bundle": str(bundle.path),
+            "loaded_files": sorted(r for rels in loaded.values() for r in rels),
             "execution_precision": self._execution_precision(),
         }
 
@@ -121,6 +120,15 @@ class EdgeVLSubject(Subject):
 
     def close(self) -> None:
         self.vlm.close()
+
+
+def _loaded_files(bundle, part: str, backend: str) -> list[str]:
+    """Manifest paths of the graph a backend loads for ``part`` and its weight files
+    (``x.xml`` + ``x.bin``; ``x.onnx`` + external data named after it)."""
+    main = bundle.part_file(part, backend).relative_to(bundle.path).as_posix()
+    stem = main.rsplit(".", 1)[0]
+    return [rel for rel in bundle.manifest["files"]
+            if rel == main or rel.startswith(main + ".") or rel in (stem + ".bin", stem + ".data")]
 
 
 def _bare_vision_call(runner, pixels):

@@ -4,6 +4,10 @@ This is the model as a transformers user runs it: ``AutoProcessor`` makes the in
 template, image tokens, pixels), ``AutoModelForImageTextToText`` runs them with its
 ``DynamicCache``; prefill keeps only the last position's logits (``logits_to_keep=1``, what
 ``generate()`` does). The greedy loop is written out so exactly ``new_tokens`` are decoded.
+
+Image splitting (SmolVLM/Idefics3) is turned off, as edgevl's bundles do (one fixed image block
+per image, see exporters/families/smolvlm.py): with it, this row would encode up to 17 crops
+where the bundles encode one, and the ratio would measure different work.
 """
 
 from __future__ import annotations
@@ -28,7 +32,15 @@ class HFTorchSubject(Subject):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.net = AutoModelForImageTextToText.from_pretrained(self.model, dtype=torch.float32).eval()
-        self.processor = AutoProcessor.from_pretrained(self.model)
+        try:
+            self.processor = AutoProcessor.from_pretrained(self.model)
+        except (ImportError, ValueError, AttributeError, TypeError):
+            # SmolVLMProcessor insists on a video processor, which needs torchvision (MEASURED.md 11)
+            from edgevl.exporters.families.smolvlm import image_only_processor
+
+            self.processor = image_only_processor(Path(self.model))
+        ip = getattr(self.processor, "image_processor", None)
+        self.image_kwargs = {"do_image_splitting": False} if hasattr(ip, "do_image_splitting") else {}
         self.text_config = self.net.config.get_text_config()
         accepted = inspect.signature(self.net.get_image_features).parameters
         self.image_keys = [k for k in IMAGE_INPUTS if k in accepted]
@@ -39,7 +51,8 @@ class HFTorchSubject(Subject):
 
     def _inputs(self, images, prompt: str):
         text = self._prompt_text(prompt)
-        return self.processor(text=[text] * len(images), images=[[im] for im in images], return_tensors="pt")
+        return self.processor(text=[text] * len(images), images=[[im] for im in images], return_tensors="pt",
+                              **self.image_kwargs)
 
     def pixels(self, images):
         inputs = self._inputs(images, "describe the image.")
@@ -107,7 +120,7 @@ class HFTorchSubject(Subject):
             self.pixels(scene_images(1))
         return {"size_bytes": sum(f.stat().st_size for f in Path(self.model).glob("*.safetensors")),
                 "decoder_weight_bytes": sum(p.numel() * p.element_size() for p in weights.values()),
-                "image_tokens": self.image_tokens}
+                "image_tokens": self.image_tokens, "processor_overrides": self.image_kwargs}
 
 
 def _image_token_id(net) -> int:

@@ -60,7 +60,7 @@ class Settings:
     new_tokens: int = 32                    # fixed answer length: greedy, stop tokens ignored
     prompt: str = "describe the image."
     positions: tuple[int, ...] = (64, 512)  # decode speed measured with the cache filled this far
-    position_steps: int = 8                 # decode steps timed per position and round
+    position_steps: int = 16                # decode steps timed per position and round
     rounds: int = 5                         # every worker measures once per round, interleaved
     budget_s: float = 600.0                 # measuring time for the whole run (not builds or loads)
     generate_batches: tuple[int, ...] = (1,)  # batches at which TTFT/decode/e2e are measured

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgevl.data.tasks import scene_qas, vocabulary
+from edgevl.data.tasks import training_qas, vocabulary
 from edgevl.data.world import COLORS, SHAPES, make_scene
 from edgevl.evaluate import evaluate
 from edgevl.models.checkpoint import save_checkpoint
@@ -78,7 +78,7 @@ def _render_worker(batch: int, seed: int, grid: int, with_qas: bool, queue: "mp.
         scenes = [make_scene("train", step * batch + j, seed) for j in range(batch)]
         rng = np.random.default_rng([seed, step])
         images = [s.image() for s in scenes]
-        qas = [scene_qas(s, variant_seed=int(rng.integers(1 << 30))) for s in scenes] if with_qas else None
+        qas = [training_qas(s, variant_seed=int(rng.integers(1 << 30))) for s in scenes] if with_qas else None
         queue.put((images, qas, np.stack([object_targets(s, grid) for s in scenes])))
         step += 1
 
@@ -124,7 +124,7 @@ class AuxHead(torch.nn.Module):
 
 def make_batch(images, qas, tokenizer, cfg: TinyVLMConfig):
     """-> pixels (B,3,S,S) and two groups of (row image index, input ids, targets): the short
-    questions and the long captions, padded separately (one padded batch would waste ~1/3 of
+    questions and the long captions, padded separately (one padded batch would waste much of
     the compute on padding)."""
     groups: dict[bool, tuple[list, list, list]] = {False: ([], [], []), True: ([], [], [])}
     for image_index, scene_qas_ in enumerate(qas):

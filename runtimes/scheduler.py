@@ -121,7 +121,7 @@ class Scheduler:
         self._reserve(block, wait_s)
         try:
             if pixels is not None:
-                seq.vision_future = self.vision.submit(pixels, deadline_s=deadline_s)
+                seq.vision_future = self.vision.submit(pixels, deadline_s=deadline_s, block=block, wait_s=wait_s)
                 seq.vision_future.add_done_callback(functools.partial(self._on_vision_done, seq))
         except BaseException:
             with self._cond:
@@ -277,8 +277,12 @@ class Scheduler:
             return RequestCancelled("cancelled while waiting")     # resolved already; _finish just counts it
         if seq.deadline is not None and now >= seq.deadline:
             return self._deadline_error(seq, now, "waiting for a slot")
-        if seq.vision_future is not None and seq.vision_future.done() and seq.vision_future.exception() is not None:
-            return seq.vision_future.exception()
+        vision = seq.vision_future
+        if vision is not None and vision.done():
+            if vision.cancelled():
+                return RequestCancelled("its image encoding was cancelled")
+            if vision.exception() is not None:      # the vision batch failed, or its deadline passed there
+                return vision.exception()
         return None
 
     def _deadline_error(self, seq: Sequence, now: float, where: str) -> DeadlineExceeded:
@@ -388,8 +392,11 @@ class Scheduler:
             future.set_result(list(seq.tokens))
         else:
             seq.timings.setdefault("finish_reason", "error")
-            self.metrics.count("cancelled" if isinstance(error, RequestCancelled) else "failed")
-            self.metrics.count(f"failed.{type(error).__name__}")
+            if isinstance(error, RequestCancelled):
+                self.metrics.count("cancelled")
+            else:
+                self.metrics.count("failed")
+                self.metrics.count(f"failed.{type(error).__name__}")
             future.set_exception(error)
 
     def _die(self, error: BaseException) -> None:

@@ -96,6 +96,8 @@ def test_runtime_prompt_ids_and_pixels_equal_processor(exported, family):
     with edgevl.load(bundle, backend="onnxruntime", verbose=False) as model:
         for prompt in PROMPTS + ("Is it RED, or blue?!  two  spaces, émoji ☺", ""):
             assert model.engine.encode_prompt(prompt, 1).tolist() == ref.input_ids(prompt, 1), prompt
+        # several images: the per-image text (block + what the chat template puts after each) repeats
+        assert model.engine.encode_prompt(PROMPTS[0], 2).tolist() == ref.input_ids(PROMPTS[0], 2)
         rng = np.random.default_rng(0)
         shapes = [(64, 64), (40, 56), (97, 33), (20, 24), (33, 97)]
         images = two_images() + [rng.integers(0, 256, (*s, 3), dtype=np.uint8) for s in shapes]
@@ -178,3 +180,25 @@ def test_checkpoint_missing_weights_names_them(hf_root, tmp_path):
     with pytest.raises(CheckpointError, match=r"weights \(model\.safetensors.*tokenizer \(tokenizer\.json\)"):
         export_model(ckpt, tmp_path / "out", log=lambda *a: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_transformers_rebuilds_is_shipped_as_built(hf_root, tmp_path):
+    """tokenizer_config.json can change the pipeline transformers builds (here add_eos_token adds a
+    post-processor the file lacks): export ships the tokenizer as transformers runs it, proved on ids."""
+    import hf_tiny
+    from tokenizers import Tokenizer
+
+    from edgevl.exporters.export import load_exportable
+    from edgevl.prompting import render_prompt
+
+    ckpt = tmp_path / "deepseek-eos"
+    shutil.copytree(hf_tiny.build("deepseek_vl", hf_root), ckpt)
+    config = json.loads((ckpt / "tokenizer_config.json").read_text())
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({**config, "add_eos_token": True}))
+    vlm = load_exportable(ckpt)
+    assert vlm.tokenizer_file != ckpt / "tokenizer.json" and vlm.tokenizer["add_special_tokens"]
+    shipped = Tokenizer.from_file(str(vlm.tokenizer_file))
+    p = vlm.prompt
+    for prompt in PROMPTS:
+        ids = shipped.encode(render_prompt(p["template"], prompt, p["image_block"], 1), add_special_tokens=True).ids
+        assert ids == vlm.reference.input_ids(prompt, 1) and ids[-1] == vlm.tokenizer["eos_token_ids"][0]

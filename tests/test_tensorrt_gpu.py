@@ -67,8 +67,7 @@ def _int8_source(tiny_bundle, tmp):
         pytest.skip(f"INT8 bundles come from edgevl.exporters.quantize.ptq.quantize_bundle, not available ({e})")
     recipe = PTQRecipe(samples=16, decoder_prompts=8, eval_scenes=20, sensitivity=False, accept_loss=True,
                        reduce_range=False)      # 8-bit weights: the bundle is for a GPU
-    result = quantize_bundle(tiny_bundle, tmp / "tiny-int8", recipe=recipe)
-    return getattr(result, "path", tmp / "tiny-int8")
+    return quantize_bundle(tiny_bundle, "world", tmp / "tiny-int8", recipe=recipe, progress=False).path
 
 
 @pytest.fixture(scope="module")

@@ -125,12 +125,14 @@ def answer_run(bundle_dir: Path, backend: str, inputs: dict, threads: int | None
         precisions = sorted({_precision_name(r.execution_precision) for r in vlm.engine.runners.values()
                              if hasattr(r, "execution_precision")})
         answers, tokens, per_scene = [], [], []
+        cpu0 = _cpu_seconds()
         for image, questions in zip(inputs["images"], inputs["questions"]):
             t = time.perf_counter()
             results = [vlm.generate(image, q, channels="rgb") for q in questions]
             per_scene.append(time.perf_counter() - t)
             answers.append([r.text for r in results])
             tokens.append([r.tokens for r in results])
+        cpu_used = _cpu_seconds() - cpu0
         k = min(NUMERIC_SCENES, len(inputs["images"]))
         embeds = vlm.encode_images(list(inputs["images"][:k]), channels="rgb")
         logits = np.stack([_first_logits(vlm.engine, embeds[i:i + 1], inputs["questions"][i][0]) for i in range(k)])
@@ -141,8 +143,17 @@ def answer_run(bundle_dir: Path, backend: str, inputs: dict, threads: int | None
               "precision": vlm.bundle.precision, "execution_precision": precisions or None,
               "answers": answers, "tokens": tokens, "correct": correct,
               "total": sum(len(q) for q in inputs["questions"]), "seconds": round(sum(per_scene), 3),
-              "s_per_scene": round(float(np.median(per_scene)), 4) if per_scene else None}
+              "s_per_scene": round(float(np.median(per_scene)), 4) if per_scene else None,
+              # CPU seconds (all threads) per scene: steadier than wall time on a shared machine
+              "cpu_s_per_scene": round(cpu_used / max(1, len(per_scene)), 4)}
     return result, {"embeds": embeds, "logits": logits}
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _precision_name(value) -> str:

@@ -57,6 +57,9 @@ T0=$(date +%s)
 skip() { echo "arm64: SKIPPED: $*"; exit 77; }
 say() { echo "arm64: $*"; }
 elapsed() { echo $(( $(date +%s) - $1 )); }
+child_cpu_s() {  # CPU seconds used by finished children so far (steadier than wall time when shared)
+    times | tail -1 | awk '{ s = 0; for (i = 1; i <= 2; i++) { split($i, a, /[ms]/); s += a[1] * 60 + a[2] }; printf "%.0f", s }'
+}
 
 # -- 1. can this machine emulate aarch64? ----------------------------------------------------
 preflight() {
@@ -80,8 +83,9 @@ preflight() {
     fi
     grep -q '^enabled' /proc/sys/fs/binfmt_misc/qemu-aarch64 2>/dev/null \
         || skip "qemu-aarch64 is not registered with binfmt_misc (update-binfmts --enable qemu-aarch64 failed)"
-    QEMU_VERSION=$(qemu-aarch64-static --version | head -1)
-    qemu-aarch64-static -cpu help | grep -qw cortex-a57 || skip "$QEMU_VERSION has no cortex-a57 model"
+    QEMU_VERSION=$(qemu-aarch64-static --version | sed -n 1p)
+    QEMU_CPUS=$(qemu-aarch64-static -cpu help || true)  # it exits 1 after listing; not piped (pipefail)
+    grep -qw cortex-a57 <<<"$QEMU_CPUS" || skip "$QEMU_VERSION has no cortex-a57 model"
 }
 
 # -- 2. x86 side: bundles and the reference run ------------------------------------------------
@@ -92,7 +96,8 @@ x86_reference() {
     $NICE "$edgevl_cli" export --model edgevl-tiny --out "$WORK/bundles/fp32" --force >"$WORK/export-fp32.log" 2>&1 \
         || { tail -20 "$WORK/export-fp32.log"; echo "arm64: FAILED: edgevl export (FP32) failed on x86"; exit 1; }
     BUNDLE_ARGS=(--bundle "fp32=$WORK/bundles/fp32")
-    if [ -z "$INT8_BUNDLE" ] && "$edgevl_cli" --help 2>/dev/null | grep -qE '^ +build '; then
+    local commands; commands=$("$edgevl_cli" --help 2>/dev/null || true)
+    if [ -z "$INT8_BUNDLE" ] && grep -qE '^ +build ' <<<"$commands"; then
         say "building edgevl-tiny INT8 on x86 (edgevl build --precision int8)"
         if $NICE "$edgevl_cli" build --model edgevl-tiny --precision int8 --out "$WORK/bundles/int8" --force \
                 >"$WORK/build-int8.log" 2>&1; then
@@ -149,7 +154,7 @@ fetch_wheels() {  # aarch64 wheels, downloaded by the host's pip (fast) into a c
     touch "$WHEELS.tmp/.complete"; mv "$WHEELS.tmp" "$WHEELS"
 }
 
-mounted_under() { findmnt -rn -o TARGET | grep -q "^$1" ; }
+mounted_under() { local m; m=$(findmnt -rn -o TARGET); grep -q "^$1" <<<"$m"; }
 
 safe_rm() {  # never delete through a mount point (a bind-mounted /proc or /dev would be followed)
     if mounted_under "$1"; then echo "arm64: FAILED: refusing to delete $1: something is mounted under it"; exit 1; fi
@@ -249,8 +254,8 @@ main() {
     exec 9>"$CACHE/lock"
     flock -n 9 || { say "waiting for another arm64 check to release $CACHE/lock"; flock 9; }
     A76_CPU=cortex-a76
-    qemu-aarch64-static -cpu help | grep -qw cortex-a76 || A76_CPU=neoverse-n1
-    qemu-aarch64-static -cpu help | grep -qw "$A76_CPU" || A76_CPU=max
+    grep -qw cortex-a76 <<<"$QEMU_CPUS" || A76_CPU=neoverse-n1
+    grep -qw "$A76_CPU" <<<"$QEMU_CPUS" || A76_CPU=max
     # Everything that needs the network first, so an infrastructure skip comes before any work.
     local t=$(date +%s)
     fetch_wheels
@@ -276,7 +281,7 @@ main() {
     "$PY" tools/arm64_check.py report --x86 "$WORK/x86" "${reports[@]}" --out "$RESULTS" \
         --meta "qemu=$QEMU_VERSION" --meta "suite=debian-$SUITE" --meta "rootfs_cached=$ROOTFS_CACHED" \
         --meta "venv_cached=$VENV_CACHED" --meta "setup_s=$SETUP_S" --meta "x86_s=$X86_S" \
-        --meta "total_s=$(elapsed $T0)" || status=1
+        --meta "total_s=$(elapsed $T0)" --meta "total_cpu_s=$(child_cpu_s)" || status=1
     if [ $status = 0 ]; then say "PASSED in $(elapsed $T0) s (report: $RESULTS/summary.md)"
     else echo "arm64: FAILED after $(elapsed $T0) s (report: $RESULTS/summary.md)"; fi
     exit $status

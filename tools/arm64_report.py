@@ -25,7 +25,8 @@ def _load(path: Path) -> dict:
 def _run_summary(run: dict) -> dict:
     if "error" in run:
         return {"error": run["error"]}
-    return {k: run[k] for k in ("precision", "execution_precision", "correct", "total", "seconds", "s_per_scene")}
+    return {k: run.get(k) for k in ("precision", "execution_precision", "correct", "total", "seconds", "s_per_scene",
+                                    "cpu_s_per_scene")}
 
 
 def _profile(arm_dir: Path, x86: dict) -> dict:
@@ -43,8 +44,8 @@ def _profile(arm_dir: Path, x86: dict) -> dict:
             entry.update(answers_identical=comp["matches"], answers_compared=comp["total"],
                          mismatches=comp["mismatches"], numeric=comp.get("numeric"))
             x86_run = x86["runs"].get(key, {})
-            if x86_run.get("s_per_scene") and run.get("s_per_scene"):
-                entry["slowdown_vs_x86"] = round(run["s_per_scene"] / x86_run["s_per_scene"], 1)
+            if x86_run.get("cpu_s_per_scene") and run.get("cpu_s_per_scene"):
+                entry["slowdown_vs_x86"] = round(run["cpu_s_per_scene"] / x86_run["cpu_s_per_scene"], 1)
         runs[key] = entry
     pre = arm["preprocess"]
     return {"profile": arm["profile"], "qemu_cpu": arm["qemu_cpu"], "ok": arm["ok"],
@@ -113,24 +114,25 @@ def summary_markdown(report: dict) -> str:
            f"{m.get('suite', '')} arm64 rootfs; rootfs cached: {m.get('rootfs_cached', '?')}, venv cached: "
            f"{m.get('venv_cached', '?')}). {report['scenes']} held-out scenes x 5 questions, greedy decoding, "
            f"answers compared token for token with the same script run natively on x86.", "",
-           f"Time: total {m.get('total_s', '?')} s = x86 reference {m.get('x86_s', '?')} s + rootfs/venv/install "
+           f"Time: total {m.get('total_s', '?')} s wall ({m.get('total_cpu_s', '?')} CPU s) = x86 reference {m.get('x86_s', '?')} s + rootfs/venv/install "
            f"{m.get('setup_s', '?')} s + emulated runs "
            f"({profile_times}).", "",
            "## Verified on", "", *verified_on(report), "",
-           "## Runs", "", "| profile | run | identical to x86 | correct | s/scene | vs x86 | execution precision | "
-           "embeds max diff | logits max diff |", "|---|---|---|---|---|---|---|---|---|"]
+           "## Runs", "", "| profile | run | identical to x86 | correct | s/scene (wall) | CPU s/scene | CPU vs x86 | execution precision | "
+           "embeds max diff | logits max diff |", "|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in report["x86"]["runs"].items():
         out.append(f"| x86 native | {key} | reference | {r.get('correct')}/{r.get('total')} | {r.get('s_per_scene')} "
-                   f"| 1 | {r.get('execution_precision')} | | |")
+                   f"| {r.get('cpu_s_per_scene')} | 1 | {r.get('execution_precision')} | | |")
     for name, p in report["profiles"].items():
         for key, r in p.get("runs", {}).items():
             if "error" in r:
-                out.append(f"| {name} | {key} | error: {r['error'][:100]} | | | | | | |")
+                out.append(f"| {name} | {key} | error: {r['error'][:100]} | | | | | | | |")
                 continue
             num = r.get("numeric") or {}
             fmt = lambda n: ("bitwise equal" if num[n]["bitwise_equal"] else f"{num[n]['max_abs_diff']:.2e}") if n in num else ""
             out.append(f"| {name} | {key}{'' if r['gating'] else ' (reported only)'} | {_fmt_run(r)} | "
-                       f"{r['correct']}/{r['total']} | {r['s_per_scene']} | {r.get('slowdown_vs_x86', '')}x | "
+                       f"{r['correct']}/{r['total']} | {r['s_per_scene']} | {r.get('cpu_s_per_scene')} | "
+                       f"{r.get('slowdown_vs_x86', '')}x | "
                        f"{r['execution_precision']} | {fmt('embeds')} | {fmt('logits')} |")
     out += ["", "## Profiles", ""]
     for name, p in report["profiles"].items():

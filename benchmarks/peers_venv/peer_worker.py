@@ -26,6 +26,14 @@ PROMPT_DEFAULT = "describe the image."
 
 
 def peak_rss_mb() -> float:
+    """VmHWM of this process image (ru_maxrss would include the forking parent's; see worker.py)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -36,6 +44,42 @@ def scene_images(spec: dict, batch: int):
 
     images = np.load(spec["images"])
     return [images[i % len(images)] for i in range(batch)]
+
+
+def compat_checkpoint(src: str, work_dir: str) -> Path:
+    """The checkpoint as the peers' older transformers can read it, and without image splitting.
+
+    A link farm of ``src`` in ``work_dir`` with two files rewritten: tokenizer_config.json
+    (transformers 5 writes ``tokenizer_class: TokenizersBackend`` and a list of
+    ``extra_special_tokens``, which 4.57 cannot load) and processor_config.json
+    (``do_image_splitting: false``: edgevl's bundles and PyTorch row encode the processor's
+    global view only, so the peers must too, or they would encode up to 17 crops per image).
+    """
+    src, out = Path(src), Path(work_dir) / "checkpoint-compat"
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        link = out / f.name
+        if f.name in ("tokenizer_config.json", "processor_config.json", "preprocessor_config.json"):
+            data = json.loads(f.read_text())
+            if f.name == "tokenizer_config.json":
+                if data.get("tokenizer_class") == "TokenizersBackend":
+                    data["tokenizer_class"] = "PreTrainedTokenizerFast"
+                data.pop("backend", None)
+                extra = data.pop("extra_special_tokens", None)
+                if isinstance(extra, list):
+                    data["additional_special_tokens"] = extra
+                elif isinstance(extra, dict):
+                    data["extra_special_tokens"] = extra
+            else:
+                ip = data.get("image_processor", data)
+                if "do_image_splitting" in ip:
+                    ip["do_image_splitting"] = False
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.write_text(json.dumps(data, indent=2))
+        elif not (link.is_symlink() or link.exists()):
+            link.symlink_to(f.resolve())
+    return out
 
 
 def dir_size(path: Path) -> int:
@@ -117,10 +161,15 @@ class OptimumORT(OptimumIntel):
     def _cls(self):
         import optimum.onnxruntime as ort_mod
 
-        for name in ("ORTModelForImageTextToText", "ORTModelForVisualCausalLM", "ORTModelForVision2Seq"):
+        for name in ("ORTModelForImageTextToText", "ORTModelForVisualCausalLM"):
             if hasattr(ort_mod, name):
                 return getattr(ort_mod, name)
-        raise RuntimeError("optimum-onnx has no VLM class (ORTModelForImageTextToText / ORTModelForVisualCausalLM)")
+        from importlib.metadata import version as _version
+
+        version = _version("optimum-onnx")
+        raise RuntimeError(f"optimum-onnx {version} cannot run this model: it has no decoder-only VLM class "
+                           "(ORTModelForImageTextToText / ORTModelForVisualCausalLM); its ORTModelForVision2Seq is "
+                           "for encoder-decoder models, not Idefics3/SmolVLM/LLaVA")
 
     def load(self) -> None:
         from transformers import AutoProcessor
@@ -140,6 +189,7 @@ class Worker:
             import torch
 
             torch.set_num_threads(int(self.spec["threads"]))
+        self.spec["checkpoint"] = str(compat_checkpoint(self.spec["checkpoint"], self.spec["work_dir"]))
         self.peer = PEERS[self.spec["peer"]](self.spec)
         t = time.perf_counter()
         self.peer.export()
@@ -179,7 +229,7 @@ class Worker:
         return {"samples": out}
 
     def finish(self, msg):
-        return {"accuracy": None, "overhead": None}
+        return {"accuracy": None, "overhead": None, "process_peak_rss_mb": peak_rss_mb()}
 
 
 def main() -> int:

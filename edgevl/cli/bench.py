@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generate-batches", default="1",
                    help="batch sizes at which TTFT/decode/e2e are measured too (default 1)")
     p.add_argument("--peers", default="", help="peer tools to measure too, e.g. ort-quantize-dynamic,optimum-intel-int8")
-    p.add_argument("--json", dest="json_path", required=True, help="write the results here")
+    p.add_argument("--json", dest="json_path", default=None, help="write the results here (required unless --prepare-only)")
     p.add_argument("--markdown", default=None, help="write the README table here")
     p.add_argument("--plots", default=None, help="write PNG plots into this directory")
     p.add_argument("--budget-s", type=float, default=300.0,
@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="bundle cache (default $EDGEVL_CACHE/bench or ~/.cache/edgevl/bench)")
     p.add_argument("--rebuild", action="store_true", help="rebuild bundles even when cached")
     p.add_argument("--spread-limit", type=float, default=0.25, help="warn when (p90-p10)/median exceeds this")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="build (or check) every bundle into the cache and stop; a later run reuses them")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -50,6 +52,8 @@ def run(args) -> int:
         generate_batches = tuple(int(b) for b in parse_list(args.generate_batches, "generate-batches"))
     except ValueError as e:
         raise ConfigError(f"--positions and --generate-batches take comma-separated integers ({e})") from e
+    if not args.json_path and not args.prepare_only:
+        raise ConfigError("--json PATH is required (where the results go), unless --prepare-only")
     if args.rounds < 1 or args.budget_s <= 0 or args.new_tokens < 2:
         raise ConfigError("need --rounds >= 1, --budget-s > 0 and --new-tokens >= 2")
     settings = Settings(new_tokens=args.new_tokens, positions=positions, rounds=args.rounds, budget_s=args.budget_s,
@@ -60,7 +64,13 @@ def run(args) -> int:
     doc = run_bench(parse_list(args.model, "model"), parse_list(args.targets, "targets"),
                     parse_list(args.precisions, "precisions"), parse_batches(args.batch), settings,
                     args.json_path, args.markdown, args.plots, peers=peers, cache_dir=args.cache_dir,
-                    rebuild=args.rebuild, progress=not args.no_progress)
+                    rebuild=args.rebuild, progress=not args.no_progress, prepare_only=args.prepare_only)
+    if args.prepare_only:
+        import json
+
+        print(json.dumps(doc, indent=2))
+        failed = [k for k, v in doc["prepared"].items() if "error" in v]
+        return 1 if failed else 0
     print(markdown(doc))
     failed = [r for r in doc["variants"] if r["status"] != "ok"]
     print(f"edgevl bench: {len(doc['variants']) - len(failed)} variants measured, {len(failed)} failed, "

@@ -55,6 +55,24 @@ def scene_qas(scene: Scene, variant_seed: int = 0) -> list[QA]:
     ]
 
 
+def training_qas(scene: Scene, variant_seed: int = 0) -> list[QA]:
+    """Training asks about every object, not one: colour, shape and position questions are
+    one- or two-token answers that need a lookup in the image, so they get one example per
+    object (about 2.5x more than evaluation's one per task) while a caption stays one."""
+    rng = np.random.default_rng([scene.texture_seed, variant_seed, 1])
+
+    def pick(task: str) -> str:
+        options = TEMPLATES[task]
+        return options[int(rng.integers(len(options)))]
+
+    qas = [QA("count", pick("count"), NUMBER_WORDS[len(scene.objects)]), QA("caption", pick("caption"), caption(scene))]
+    for o in scene.objects:
+        qas += [QA("color", pick("color").format(shape=o.shape), o.color),
+                QA("shape", pick("shape").format(color=o.color), o.shape),
+                QA("position", pick("position").format(color=o.color, shape=o.shape), o.position)]
+    return qas
+
+
 def vocabulary() -> list[str]:
     """Every word the world can ask or answer, in a stable order (the tokenizer's vocabulary)."""
     words: list[str] = []

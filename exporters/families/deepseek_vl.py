@@ -66,7 +66,7 @@ class DeepseekVLSpec(HFFamilySpec):
         ref = HFReference(model, processor, eos, default_template=DEFAULT_TEMPLATE)
         lm = model.model.language_model
         decoder = llama_to_decoder(lm, model.lm_head, config.text_config, where)
-        prompt, add_special = derive_prompt(ref, path / "tokenizer.json", config.image_token_id, (side, side),
+        prompt, add_special, tokenizer_file = derive_prompt(ref, path, config.image_token_id, (side, side),
                                             config.text_config.bos_token_id)
         vision = VisionPart(torch.nn.ModuleList([model.model.vision_model, model.model.aligner]), _vision).eval()
         check_vision(where, vision, lambda px: model.model.get_image_features(px).pooler_output,
@@ -75,7 +75,7 @@ class DeepseekVLSpec(HFFamilySpec):
             name=path.name, family=self.name, architecture=arch, source=str(path),
             vision=vision, embed=EmbedPart(lm.embed_tokens), decoder=decoder,
             pixel_shape=(3, side, side), image_seq_len=prompt["image_seq_len"], preprocess=preprocess,
-            prompt=prompt, tokenizer_file=path / "tokenizer.json",
+            prompt=prompt, tokenizer_file=tokenizer_file,
             tokenizer={"bos_token_id": config.text_config.bos_token_id, "eos_token_ids": eos,
                        "pad_token_id": config.text_config.pad_token_id, "add_special_tokens": add_special},
             max_position=int(config.text_config.max_position_embeddings), reference=ref,

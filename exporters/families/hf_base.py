@@ -168,16 +168,18 @@ class HFReference(Reference):
         return int(pad if pad is not None else self.eos[0])
 
 
-def derive_prompt(ref: HFReference, tokenizer_file: Path, image_token_id: int, image_size: tuple[int, int],
-                  bos_token_id: int | None, prompts=SAMPLE_PROMPTS) -> tuple[dict, bool]:
-    """-> (prompt spec, add_special_tokens), proved on ``prompts`` against the processor's ids.
+def derive_prompt(ref: HFReference, checkpoint: Path, image_token_id: int, image_size: tuple[int, int],
+                  bos_token_id: int | None, prompts=SAMPLE_PROMPTS) -> tuple[dict, bool, Path]:
+    """-> (prompt spec, add_special_tokens, tokenizer.json to ship), proved on ``prompts``
+    against the processor's ids.
 
     The template is the chat template rendered around a sentinel; the per-image text is the
     processor's expansion of one image plus whatever the template puts after each image (found
     by rendering one and two images), so several images render as the processor renders them.
+    The checkpoint's tokenizer.json is shipped as is when it reproduces the processor's ids;
+    otherwise the tokenizer as transformers built it in memory (transformers 5 rebuilds some
+    pipelines, e.g. Llama's, from tokenizer_config) is serialised and tried.
     """
-    from tokenizers import Tokenizer
-
     tok = ref.image_token
     one, two = ref.text(PROMPT_SLOT, 1), ref.text(PROMPT_SLOT, 2)
     if one.count(tok) != 1 or one.count(PROMPT_SLOT) != 1:
@@ -189,23 +191,50 @@ def derive_prompt(ref: HFReference, tokenizer_file: Path, image_token_id: int, i
         sep = ""   # images not laid out as repeated blocks: single-image prompts stay exact
     template = (head + "{image}" + tail[len(sep):]).replace(PROMPT_SLOT, "{prompt}")
     block = ref.image_block(image_size) + sep
+    expected = {p: ref.input_ids(p, 1) for p in prompts}
+    spec = {"image_block": block, "image_token_id": int(image_token_id),
+            "image_seq_len": int(expected[prompts[0]].count(image_token_id))}
+
+    first_error = None
+    for tokenizer_file in (checkpoint / "tokenizer.json", None):
+        if tokenizer_file is None:
+            tokenizer_file = _serialised_tokenizer(ref.processor.tokenizer)
+        found = _match_tokenizer(tokenizer_file, template, block, bos_token_id, expected)
+        if isinstance(found, tuple):
+            tmpl, add = found
+            return {"template": tmpl, **spec}, add, tokenizer_file
+        first_error = first_error or found
+    raise ExportError(f"tokenizer.json cannot reproduce the processor's input ids: {first_error}; the runtime "
+                      "would build different prompts")
+
+
+def _serialised_tokenizer(hf_tokenizer) -> Path:
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="edgevl-tokenizer-"))
+    atexit.register(shutil.rmtree, folder, True)
+    hf_tokenizer.backend_tokenizer.save(str(folder / "tokenizer.json"))
+    return folder / "tokenizer.json"
+
+
+def _match_tokenizer(tokenizer_file: Path, template: str, block: str, bos_token_id, expected: dict):
+    """(template, add_special_tokens) under which ``tokenizer_file`` gives the expected ids, or why not."""
+    from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     bos_text = tokenizer.id_to_token(bos_token_id) if bos_token_id is not None else None
     choices = [(template, False), (template, True)] + ([(bos_text + template, False)] if bos_text else [])
-    expected = {p: ref.input_ids(p, 1) for p in prompts}
     for tmpl, add in choices:
         if all(tokenizer.encode(render_prompt(tmpl, p, block, 1), add_special_tokens=add).ids == ids
                for p, ids in expected.items()):
-            n_image = expected[prompts[0]].count(image_token_id)
-            return {"template": tmpl, "image_block": block, "image_token_id": int(image_token_id),
-                    "image_seq_len": int(n_image)}, add
-    p = prompts[0]
+            return tmpl, add
+    p, want = next(iter(expected.items()))
     got = tokenizer.encode(render_prompt(template, p, block, 1), add_special_tokens=False).ids
-    first = next((i for i, (a, b) in enumerate(zip(got, expected[p])) if a != b), min(len(got), len(expected[p])))
-    raise ExportError(f"tokenizer.json cannot reproduce the processor's input ids for {p!r}: they first differ at "
-                      f"position {first} (tokenizer.json {got[first:first + 8]}, processor "
-                      f"{expected[p][first:first + 8]}); the runtime would build different prompts")
+    first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    return (f"for {p!r} they first differ at position {first} (tokenizer.json {got[first:first + 8]}, "
+            f"processor {want[first:first + 8]})")
 
 
 def check_vision(where: str, ours: torch.nn.Module, theirs, pixels: torch.Tensor, image_seq_len: int,

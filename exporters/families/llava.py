@@ -85,7 +85,7 @@ class LlavaSpec(HFFamilySpec):
         lm = model.model.language_model
         decoder = llama_to_decoder(lm, model.lm_head, config.text_config, where)
         tokenizer_cfg = config.text_config
-        prompt, add_special = derive_prompt(ref, path / "tokenizer.json", config.image_token_id, out_size,
+        prompt, add_special, tokenizer_file = derive_prompt(ref, path, config.image_token_id, out_size,
                                             tokenizer_cfg.bos_token_id)
         vision = LlavaVision(model, config.vision_feature_layer, strategy).eval()
         check_vision(where, vision, lambda px: torch.stack(list(model.model.get_image_features(
@@ -95,7 +95,7 @@ class LlavaSpec(HFFamilySpec):
             name=path.name, family=self.name, architecture=arch, source=str(path),
             vision=vision, embed=EmbedPart(lm.embed_tokens), decoder=decoder,
             pixel_shape=(3, *out_size), image_seq_len=prompt["image_seq_len"], preprocess=preprocess,
-            prompt=prompt, tokenizer_file=path / "tokenizer.json",
+            prompt=prompt, tokenizer_file=tokenizer_file,
             tokenizer={"bos_token_id": tokenizer_cfg.bos_token_id, "eos_token_ids": eos,
                        "pad_token_id": tokenizer_cfg.pad_token_id, "add_special_tokens": add_special},
             max_position=int(config.text_config.max_position_embeddings), reference=ref,

@@ -136,7 +136,7 @@ class SmolVLMSpec(HFFamilySpec):
         ref = HFReference(model, processor, eos, image_kwargs=NO_SPLITTING, default_template=DEFAULT_TEMPLATE)
         text_model = model.model.text_model
         decoder = llama_to_decoder(text_model, model.lm_head, config.text_config, where)
-        prompt, add_special = derive_prompt(ref, path / "tokenizer.json", config.image_token_id, (side, side),
+        prompt, add_special, tokenizer_file = derive_prompt(ref, path, config.image_token_id, (side, side),
                                             config.text_config.bos_token_id)
         vision = Idefics3Vision(model, side).eval()
         check_vision(where, vision, lambda px: model.model.get_image_features(px[:, None]).pooler_output[0],
@@ -145,7 +145,7 @@ class SmolVLMSpec(HFFamilySpec):
             name=path.name, family=self.name, architecture=arch, source=str(path),
             vision=vision, embed=EmbedPart(text_model.embed_tokens), decoder=decoder,
             pixel_shape=(3, side, side), image_seq_len=prompt["image_seq_len"], preprocess=preprocess,
-            prompt=prompt, tokenizer_file=path / "tokenizer.json",
+            prompt=prompt, tokenizer_file=tokenizer_file,
             tokenizer={"bos_token_id": config.text_config.bos_token_id, "eos_token_ids": eos,
                        "pad_token_id": config.text_config.pad_token_id, "add_special_tokens": add_special},
             max_position=int(config.text_config.max_position_embeddings), reference=ref,

@@ -180,11 +180,11 @@ def quantize_bundle(bundle, calib, out, recipe: PTQRecipe = PTQRecipe(), force: 
         notes = after_qdq(writer, feeds, plans) if after_qdq else {}
         writer.manifest["precision"] = "int8"
         staged = staged_bundle(writer)
-        evaluator = AccuracyEvaluator(src, backends, recipe.eval_scenes, split=recipe.eval_split, seed=recipe.seed,
-                                      threads=threads)
+        evaluator = AccuracyEvaluator.for_bundle(src, backends, recipe.eval_scenes, recipe.eval_split, recipe.seed,
+                                                 threads, recipe.budget_metric, log)
         tasks = evaluator.tasks(staged)
         losses = evaluator.losses(tasks)
-        log(f"  loss vs fp32 ({evaluator.metric}, {recipe.eval_scenes} {recipe.eval_split} scenes): "
+        log(f"  loss vs fp32 ({evaluator.metric}, {evaluator.n} {recipe.eval_split} scenes): "
             + ", ".join(f"{b} {v:+.2f} points" for b, v in losses.items()))
         history = [{"step": 0, "moved_to_float": None, "loss": losses}]
         if max(losses.values()) > recipe.budget_points and recipe.sensitivity:
@@ -200,6 +200,8 @@ def quantize_bundle(bundle, calib, out, recipe: PTQRecipe = PTQRecipe(), force: 
         writer.manifest.setdefault("reports", {})["accuracy"] = REPORT_FILE
         writer.manifest["quantization"] = quantization_manifest(recipe, source.describe(), plans, feeds, lm_head,
                                                                 notes.get("artifacts"))
+        if notes.get("openvino"):
+            writer.manifest["quantization"]["openvino_ir"] = notes["openvino"]
         for line in summary_lines(report):
             log(line)
         if not verdict["passed"] and not recipe.accept_loss:

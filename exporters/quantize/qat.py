@@ -44,7 +44,16 @@ def decoder_args(feed: dict, n_layers: int):
 
 
 def fake_quantize(vision, decoder, feeds: dict, recipe: QATRecipe):
-    """NNCF fake quantization of both parts, ranges initialised on the realistic feeds."""
+    """NNCF fake quantization of both parts, ranges initialised on the realistic feeds.
+
+    The decoder's attention matmuls (activation x activation, incl. the KV cache) stay float in
+    QAT: NNCF keys its hooks by op name and per-scope call counter, and the TorchScript export
+    traces the decoder's shape arithmetic (``rep * t`` in the attention reshape) as tensor ops,
+    which shifts the counters: the quantizer meant for a query tensor then lands on a shape
+    (seen as "fake_quantize ... not implemented for 'Long'"). Linear layers' hooks are keyed by
+    module and are stable, so every projection, MLP and the LM head are quantized. The vision
+    part has no such arithmetic between hooked ops; both parts are checked for ONNX vs PyTorch
+    parity after export, so a shifted quantizer cannot pass silently."""
     import nncf
     import torch
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
@@ -59,7 +68,8 @@ def fake_quantize(vision, decoder, feeds: dict, recipe: QATRecipe):
         qvision = nncf.quantize(vision, nncf.Dataset(vision_items), model_type=nncf.ModelType.TRANSFORMER,
                                 subset_size=len(vision_items), advanced_parameters=advanced)
         qdecoder = nncf.quantize(decoder, nncf.Dataset(decoder_items), model_type=nncf.ModelType.TRANSFORMER,
-                                 subset_size=len(decoder_items), advanced_parameters=advanced)
+                                 subset_size=len(decoder_items), advanced_parameters=advanced,
+                                 ignored_scope=nncf.IgnoredScope(types=["matmul"]))
     return qvision, qdecoder, vision_items[0], decoder_items[0]
 
 

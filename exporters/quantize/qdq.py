@@ -88,7 +88,13 @@ def has_external_data(path: Path) -> bool:
 
 def quantize(model_path: Path, out_path: Path, cache_path: Path, method: str, op_types, exclude=(),
              per_channel: bool = True, reduce_range: bool = True) -> Path:
-    """Q/DQ INT8: per-channel symmetric int8 weights, per-tensor symmetric int8 activations."""
+    """Q/DQ INT8: per-channel symmetric int8 weights, per-tensor symmetric int8 activations.
+
+    Q/DQ sit on the *inputs* of MatMul/Gemm (ONNX Runtime fuses DQ->MatMul into integer
+    MatMulIntegerToFloat-style kernels with a float output); their outputs are not re-quantized,
+    because their consumers (bias Add, norms, GELU, the logits) run in float anyway: a Q/DQ pair
+    there would only add rounding (quantized logits tie at the argmax) and work. Conv keeps its
+    output Q/DQ, which ONNX Runtime needs to fuse QLinearConv."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     external = has_external_data(model_path)
@@ -99,7 +105,8 @@ def quantize(model_path: Path, out_path: Path, cache_path: Path, method: str, op
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         nodes_to_exclude=list(exclude), use_external_data_format=external,
                         calibrate_method=ort_method(method), calibration_cache_path=str(cache_path),
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                       "OpTypesToExcludeOutputQuantization": [t for t in op_types if t != "Conv"]})
     clamp_ir_version(out_path)
     return out_path
 

@@ -62,6 +62,8 @@ class PTQRecipe:
     entropy_bins: int = 2048
     float_rule: FloatRule = field(default_factory=FloatRule)
     budget_points: float = 1.0          # allowed accuracy loss (points) on every evaluated backend
+    budget_metric: str = "auto"         # "accuracy" (task exact match), "agreement" (answers identical to
+                                        # FP32's), "auto": accuracy for edgevl-tiny, agreement otherwise
     accept_loss: bool = False           # write the bundle even when the budget is broken
     eval_scenes: int = 200              # held-out scenes for the budget (5 questions each)
     eval_split: str = "val"             # budget scenes: validation, so the test split stays untuned
@@ -85,6 +87,8 @@ class PTQRecipe:
             raise ConfigError(f"--budget is the accuracy loss allowed in points (>= 0), got {self.budget_points}")
         if self.eval_scenes < 1:
             raise ConfigError(f"eval_scenes must be at least 1, got {self.eval_scenes}")
+        if self.budget_metric not in ("auto", "accuracy", "agreement"):
+            raise ConfigError(f"budget_metric must be auto, accuracy or agreement, got {self.budget_metric!r}")
         if self.eval_split not in ("val", "test"):
             raise ConfigError(f"eval_split must be 'val' or 'test', got {self.eval_split!r}")
         bad = [b for b in self.eval_backends if b not in EVAL_BACKENDS]

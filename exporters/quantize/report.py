@@ -23,6 +23,7 @@ from edgevl.bundle import Bundle
 from edgevl.runtimes.compare import diff_outputs
 
 REPORT_FILE = "accuracy.json"
+NO_BUDGET_SCENES = 8
 
 
 def part_parity(reference: Bundle, candidate: Bundle, part: str, feeds: list[dict], backend: str,
@@ -85,6 +86,8 @@ def compare_tasks(fp32: dict, quantized: dict) -> dict:
 
 
 def loss_points(task_cmp: dict, metric: str) -> float:
+    if metric == "none":
+        return 0.0
     return task_cmp["drop_points"] if metric == "accuracy" else round(100 * (1 - task_cmp["agreement"]), 2)
 
 
@@ -98,11 +101,28 @@ class AccuracyEvaluator:
     split: str = "test"
     seed: int = 0
     threads: int | None = None
+    budget_metric: str = "auto"
     _fp32: dict = field(default_factory=dict)
 
     @property
     def metric(self) -> str:
-        return "accuracy" if self.reference.manifest["model"].get("family") == "edgevl-tiny" else "agreement"
+        """accuracy for edgevl-tiny (it has tasks); for other families "none" unless asked: a model
+        without a task of its own (e.g. random weights) has no accuracy to keep, and answer
+        agreement over long free-form generations is too strict a default budget."""
+        if self.budget_metric != "auto":
+            return self.budget_metric
+        return "accuracy" if self.reference.manifest["model"].get("family") == "edgevl-tiny" else "none"
+
+    @classmethod
+    def for_bundle(cls, reference: Bundle, backends, n: int, split: str = "val", seed: int = 0, threads=None,
+                   budget_metric: str = "auto", log=print) -> "AccuracyEvaluator":
+        """The evaluator a quantizer uses; without a budget to enforce, a few scenes suffice."""
+        evaluator = cls(reference, tuple(backends), n, split, seed, threads, budget_metric)
+        if evaluator.metric == "none" and n > NO_BUDGET_SCENES:
+            evaluator.n = NO_BUDGET_SCENES
+            log(f"  {reference.manifest['model'].get('family')}: no task accuracy to budget (pass budget_metric="
+                f"'agreement' to enforce answer agreement); reporting {NO_BUDGET_SCENES} scenes")
+        return evaluator
 
     def fp32(self, backend: str) -> dict:
         if backend not in self._fp32:
@@ -120,6 +140,9 @@ class AccuracyEvaluator:
 
 
 def budget_verdict(losses: dict, budget_points: float, metric: str, accept_loss: bool) -> dict:
+    if metric == "none":
+        return {"metric": "none", "points": None, "loss": losses, "worst_loss": 0.0, "passed": True,
+                "accepted_loss": False, "reason": "no task accuracy for this model family; budget not enforced"}
     worst = max(losses.values()) if losses else 0.0
     return {"metric": metric, "points": budget_points, "loss": losses, "worst_loss": worst,
             "passed": worst <= budget_points, "accepted_loss": bool(accept_loss and worst > budget_points)}

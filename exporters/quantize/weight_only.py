@@ -108,7 +108,7 @@ def weight_only_bundle(bundle, out, recipe: WeightOnlyRecipe = WeightOnlyRecipe(
             log(f"  openvino: {ir} ({ov_info['mode']})")
         writer.manifest["precision"] = recipe.precision
         staged = staged_bundle(writer)
-        evaluator = AccuracyEvaluator(src, backends, eval_scenes, split=eval_split, threads=threads)
+        evaluator = AccuracyEvaluator.for_bundle(src, backends, eval_scenes, eval_split, 0, threads, log=log)
         tasks = evaluator.tasks(staged)
         verdict = budget_verdict(evaluator.losses(tasks), budget_points, evaluator.metric, accept_loss)
         held = held_out_feeds(src, ["decoder"], threads=threads)
