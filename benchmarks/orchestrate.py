@@ -26,6 +26,7 @@ from typing import Callable
 from edgevl.benchmarks.variants import Plan, Setup
 
 WORKER_CMD = [sys.executable, "-m", "edgevl.benchmarks.worker"]
+LOAD_TIMEOUT_S = 3600.0     # a peer exports its model at first load (minutes for a 256M VLM on 2 cores)
 
 
 class WorkerFailed(RuntimeError):
@@ -54,16 +55,17 @@ class WorkerProcess:
         except OSError:
             return ""
 
-    def request(self, msg: dict) -> dict:
+    def request(self, msg: dict, timeout_s: float | None = None) -> dict:
+        timeout_s = timeout_s or self.timeout_s
         if self.proc is None or self.proc.poll() is not None:
             raise WorkerFailed(f"worker is not running (exit code {self.proc.returncode if self.proc else None})")
         self.proc.stdin.write(json.dumps(msg) + "\n")
         self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout_s)
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
         line = self.proc.stdout.readline() if ready else ""
         if not line:
             code = self.proc.poll()
-            why = f"exited with code {code}" if code is not None else f"gave no answer in {self.timeout_s:.0f} s"
+            why = f"exited with code {code}" if code is not None else f"gave no answer in {timeout_s:.0f} s"
             raise WorkerFailed(f"worker {why} during {msg.get('cmd')!r}; log {self.log_path}:\n{self.log_tail()}")
         reply = json.loads(line)
         if not reply.get("ok"):
@@ -109,9 +111,10 @@ class SetupRun:
     finish: dict = field(default_factory=dict)
     process_peak_rss_mb: float | None = None
     log: str | None = None
+    failed_batch: int | None = None                       # rows of smaller batches keep their numbers
 
-    def fail(self, error: str) -> None:
-        self.status, self.error = "failed", error
+    def fail(self, error: str, batch: int | None = None) -> None:
+        self.status, self.error, self.failed_batch = "failed", error, batch
 
     def add(self, batch: int, samples: dict) -> None:
         into = self.samples.setdefault(batch, {})
@@ -171,7 +174,8 @@ def _measure_group(group: list[SetupRun], plan: Plan, prepare: Prepare, log_dir:
                 worker = WorkerProcess(run.setup, run.spec, log_dir)
                 try:
                     worker.start()
-                    worker.request({"cmd": "load", "subject": run.spec, "settings": s.to_dict()})
+                    worker.request({"cmd": "load", "subject": run.spec, "settings": s.to_dict()},
+                                   timeout_s=LOAD_TIMEOUT_S)
                 except (WorkerFailed, OSError) as e:
                     run.fail(f"load failed: {e}")
                     log(f"bench: {run.setup.key}: {run.error}")
@@ -186,7 +190,8 @@ def _measure_group(group: list[SetupRun], plan: Plan, prepare: Prepare, log_dir:
                 run.log = str(worker.log_path)
                 try:
                     worker.start()
-                    reply = worker.request({"cmd": "load", "subject": run.spec, "settings": s.to_dict()})
+                    reply = worker.request({"cmd": "load", "subject": run.spec, "settings": s.to_dict()},
+                                           timeout_s=LOAD_TIMEOUT_S)
                     run.facts = reply["facts"]
                     workers[run.setup.key] = worker
                 except (WorkerFailed, OSError) as e:
@@ -207,7 +212,7 @@ def _measure_group(group: list[SetupRun], plan: Plan, prepare: Prepare, log_dir:
                                                     "budget_s": per_call})
                             run.add(batch, reply["samples"])
                         except WorkerFailed as e:
-                            run.fail(f"measuring batch {batch} failed: {e}")
+                            run.fail(f"measuring batch {batch} failed: {e}", batch)
                             log(f"bench: {run.setup.key}: {run.error}")
                             workers.pop(run.setup.key).close()
                         time.sleep(s.pause_s)
@@ -218,14 +223,15 @@ def _measure_group(group: list[SetupRun], plan: Plan, prepare: Prepare, log_dir:
                 try:
                     run.peak_rss_mb[batch] = worker.request({"cmd": "rss"})["peak_rss_mb"]
                 except WorkerFailed as e:
-                    run.fail(f"reading memory failed: {e}")
+                    run.fail(f"reading memory failed: {e}", batch)
                     workers.pop(key).close()
         for run in group:
             bar.set_postfix_str(f"accuracy/overhead {run.setup.key}")
             worker = workers.get(run.setup.key)
             if worker is not None:
                 try:
-                    run.finish = worker.request({"cmd": "finish", "accuracy_scenes": s.accuracy_scenes,
+                    scenes = s.accuracy_scenes if run.spec.get("accuracy", True) else 0
+                    run.finish = worker.request({"cmd": "finish", "accuracy_scenes": scenes,
                                                  "overhead_pairs": s.overhead_pairs})
                     run.process_peak_rss_mb = run.finish.get("process_peak_rss_mb")
                 except WorkerFailed as e:           # measurements so far stand; the extra is missing

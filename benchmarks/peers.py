@@ -76,7 +76,8 @@ def prepare_peer(setup: Setup, bm, preparer) -> dict:
 
     from edgevl.benchmarks.subject import scene_images
 
-    work_dir = preparer.cache_dir / "peers" / f"{bm.name}-{preparer.checkpoint_hash(setup.model)[:12]}-{peer.name}"
+    # shared by the venv peers of one checkpoint: OpenVINO GenAI runs optimum-intel's FP32 export
+    work_dir = preparer.cache_dir / "peers" / f"{bm.name}-{preparer.checkpoint_hash(setup.model)[:12]}"
     work_dir.mkdir(parents=True, exist_ok=True)
     np.save(work_dir / "images.npy", np.stack(scene_images(8)))
     return {"kind": "venv-peer", "peer": peer.name, "checkpoint": str(bm.checkpoint), "threads": preparer.threads,

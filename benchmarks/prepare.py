@@ -44,6 +44,11 @@ class Preparer:
 
     def __call__(self, setup: Setup) -> dict:
         bm = self.model(setup.model)
+        spec = self._spec(setup, bm)
+        spec["accuracy"] = bm.measures_accuracy      # random-weight models have no accuracy to measure
+        return spec
+
+    def _spec(self, setup: Setup, bm: BenchModel) -> dict:
         if setup.is_reference:
             kind = "pytorch-tiny" if bm.kind == "edgevl-tiny" else "pytorch-hf"
             return {"kind": kind, "checkpoint": str(bm.checkpoint), "threads": self.threads,

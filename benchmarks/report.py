@@ -50,9 +50,14 @@ def rows_for(run: SetupRun, batches, bandwidth_gb_s: float | None, spread_limit:
     for batch in batches:
         samples = run.samples.get(batch, {})
         warnings: list[str] = []
+        # a worker that failed at batch B still measured the smaller batches before it
+        failed_here = run.status != "ok" and (run.failed_batch is None or batch >= run.failed_batch)
         row = {"model": setup.model, "tool": setup.tool, "backend": setup.backend, "precision": setup.precision,
-               "batch": batch, "key": f"{setup.key}/b{batch}", "status": run.status, "error": run.error}
-        if run.status == "ok" and not samples:
+               "batch": batch, "key": f"{setup.key}/b{batch}", "status": "failed" if failed_here else "ok",
+               "error": run.error if failed_here else None}
+        if run.status != "ok" and not failed_here:
+            warnings.append(f"the worker failed later, at batch {run.failed_batch}: {run.error.splitlines()[0]}")
+        if row["status"] == "ok" and not samples:
             row.update(status="failed", error="no measurements were taken")
         row.update(_summary_fields("vision_ms", samples.get("vision_ms"), spread_limit, warnings, "vision"))
         row.update(_summary_fields("ttft_ms", samples.get("ttft_ms"), spread_limit, warnings, "ttft"))
@@ -165,6 +170,15 @@ def _fmt(x, digits: int = 1, suffix: str = "") -> str:
     return f"{x:.{digits}f}{suffix}"
 
 
+def short_error(error: str | None, limit: int = 180) -> str:
+    """One table cell: newlines folded, C++ source locations ("Exception from /path/x.cpp:45:") dropped."""
+    import re
+
+    text = re.sub(r"Exception from \S+:\d+:\s*", "", error or "failed")
+    text = " ".join(text.split()).replace("|", "/")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def variant_label(row: dict) -> str:
     if row["tool"] == "pytorch":
         return "PyTorch eager fp32"
@@ -186,8 +200,7 @@ def markdown(doc: dict) -> str:
     ]
     for r in doc["variants"]:
         if r["status"] != "ok":
-            error = (r["error"] or "failed").splitlines()[0].replace("|", "/")
-            lines.append(f"| {r['model']} | {variant_label(r)} | {r['batch']} | failed: {error[:140]} ||||||||| ")
+            lines.append(f"| {r['model']} | {variant_label(r)} | {r['batch']} | failed: {short_error(r['error'])} ||||||||| ")
             continue
         speed = r["speedup_vs_torch"]
         speed_text = "1.00x (ref)" if r["tool"] == "pytorch" else (f"{speed:.2f}x {r['speedup_metric']}" if speed else "–")
@@ -232,7 +245,13 @@ def _notes(doc: dict) -> list[str]:
             notes.append(f"- {label}: edgevl vision {o['edgevl_ms_p50']:.3f} ms vs bare session {o['bare_ms_p50']:.3f} ms "
                          f"({o['overhead_pct']:+.1f}%, {o['pairs']} alternated pairs)")
         for w in r.get("warnings", []):
-            notes.append(f"- {label}: {w}")
+            if "wide spread" not in w:
+                notes.append(f"- {label}: {w}")
+    wide = [f"{r['model']} {variant_label(r)} b{r['batch']} ({', '.join(w.split(':')[0] for w in r['warnings'] if 'wide spread' in w)})"
+            for r in doc["variants"] if any("wide spread" in w for w in r.get("warnings", []))]
+    if wide:
+        limit = doc.get("settings", {}).get("spread_limit", 0.25)
+        notes.append(f"- wide spread ((p90-p10)/median > {limit:.0%}; p10/p90 in the JSON): " + "; ".join(wide))
     cached = sorted({r["model"] for r in doc["variants"] if r.get("weights_fit_in_cache")})
     if cached:
         notes.append(f"- {', '.join(cached)}: the decoder's weights fit in the {doc['machine'].get('l3_cache_mb')} MB "

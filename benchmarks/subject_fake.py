@@ -2,7 +2,8 @@
 interleaving, statistics, failure handling, JSON and Markdown) in a second.
 
 Its spec sets the simulated costs in milliseconds (``vision_ms``, ``prefill_ms``, ``step_ms``)
-and ``fail`` = "load" | "round" makes it raise there, like a broken backend would.
+and ``fail`` = "load" | "round" makes it raise there, like a broken backend would (with
+``fail_batch``, only at that batch size).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ class FakeSubject(Subject):
         self.prefill_ms = float(spec.get("prefill_ms", 1.0))
         self.step_ms = float(spec.get("step_ms", 0.5))
 
-    def _fail(self, where: str) -> None:
-        if self.spec.get("fail") == where:
+    def _fail(self, where: str, batch: int | None = None) -> None:
+        if self.spec.get("fail") == where and self.spec.get("fail_batch") in (None, batch):
             raise RuntimeError(f"fake subject told to fail at {where}")
 
     def _load(self):
@@ -40,7 +41,7 @@ class FakeSubject(Subject):
         return images
 
     def encode(self, pixels):
-        self._fail("round")
+        self._fail("round", len(pixels))
         _busy(self.vision_ms * len(pixels))
 
     def generate(self, images, prompt, new_tokens):

@@ -110,8 +110,9 @@ class AuxHead(torch.nn.Module):
         self.shape = torch.nn.Linear(dim, len(SHAPES) + 1)
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # shape is the harder half (colour is nearly linear in the pixels): weight it double
         return (F.cross_entropy(self.color(tokens).flatten(0, 1), targets[..., 0].flatten())
-                + F.cross_entropy(self.shape(tokens).flatten(0, 1), targets[..., 1].flatten()))
+                + 2.0 * F.cross_entropy(self.shape(tokens).flatten(0, 1), targets[..., 1].flatten()))
 
     @torch.no_grad()
     def accuracy(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:

@@ -14,7 +14,7 @@ What each precision means per target (CPU targets have no useful FP16 here):
 | fp16      | refused: the CPU EP runs FP16   | IR with FP16 weights, f16 inference:   | FP16 engines           |
 |           | graphs through casts, slower    | for GPU/NPU/ARM/AMX-FP16 CPUs; runners |                        |
 |           | than FP32                       | refuse it on CPUs without FP16         |                        |
-| int8      | Q/DQ ONNX (quantize_static)     | NNCF INT8 IR (+ the Q/DQ ONNX)         | INT8 engines from Q/DQ |
+| int8      | Q/DQ ONNX, uint8 activations    | NNCF INT8 IR (+ int8 Q/DQ ONNX)        | INT8 engines from Q/DQ |
 | int8-wo   | MatMulNBits 8-bit decoder       | NNCF INT8_SYM weight-compressed IR     | refused (no MatMulNBits|
 | int4-wo   | MatMulNBits 4-bit decoder       | NNCF INT4_SYM (group = block) IR       | in TensorRT)           |
 """
@@ -96,11 +96,12 @@ def finish(staged: Bundle, out: Path, target: str, precision: str, force: bool, 
         raise
 
 
-def build_bundle(model, target: str, precision: str, out, calib=None, force: bool = False, method: str = "entropy",
+def build_bundle(model, target: str, precision: str, out, calib=None, force: bool = False, method: str = "percentile",
                  samples: int = 64, budget: float = 1.0, accept_loss: bool = False, eval_scenes: int = 200,
-                 block_size: int = 32, threads: int | None = None, log=print, progress: bool = True,
-                 compile_options: dict | None = None) -> Bundle:
-    """Export ``model``, quantize to ``precision``, compile for ``target``; -> the bundle at ``out``."""
+                 block_size: int = 32, activations: str | None = None, threads: int | None = None, log=print,
+                 progress: bool = True, compile_options: dict | None = None) -> Bundle:
+    """Export ``model``, quantize to ``precision``, compile for ``target``; -> the bundle at ``out``.
+    ``activations`` (int8): "uint8" for --target onnxruntime (x86 kernels), else "int8"."""
     from edgevl.exporters.export import export_model
 
     out = Path(out)
@@ -127,8 +128,9 @@ def build_bundle(model, target: str, precision: str, out, calib=None, force: boo
     try:
         current = export_model(model, stage_dir / "fp32", log=log)
         advance("exported")
+        activations = activations or ("uint8" if target == "onnxruntime" else "int8")
         current = _quantize_stage(current, stage_dir, target, precision, calib, method, samples, budget, accept_loss,
-                                  eval_scenes, block_size, threads, log)
+                                  eval_scenes, block_size, activations, threads, log)
         if current is not None and "quantize" in stages:
             advance("quantized")
         if target == "tensorrt":
@@ -150,7 +152,7 @@ def build_bundle(model, target: str, precision: str, out, calib=None, force: boo
 
 
 def _quantize_stage(fp32: Bundle, stage_dir: Path, target, precision, calib, method, samples, budget, accept_loss,
-                    eval_scenes, block_size, threads, log) -> Bundle:
+                    eval_scenes, block_size, activations, threads, log) -> Bundle:
     if precision in ("fp32", "fp16"):
         return fp32
     if precision == "int8":
@@ -163,7 +165,7 @@ def _quantize_stage(fp32: Bundle, stage_dir: Path, target, precision, calib, met
 
             after = add_openvino_int8
         recipe = PTQRecipe(method=method, samples=samples, budget_points=budget, accept_loss=accept_loss,
-                           eval_scenes=eval_scenes)
+                           eval_scenes=eval_scenes, activations=activations)
         return quantize_bundle(fp32, calib, stage_dir / "int8", recipe, threads=threads, log=log, progress=False,
                                after_qdq=after)
     from edgevl.exporters.quantize.recipes import WeightOnlyRecipe

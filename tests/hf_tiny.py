@@ -26,8 +26,9 @@ _CORPUS = [
 ]
 
 LLAVA_CHAT = ("{% for message in messages %}{{ message['role'].upper() + ': ' }}"
-              "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
-              "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}"
+              "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}{% endif %}"
+              "{% endfor %}{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] + ' ' }}"
+              "{% endif %}{% endfor %}"
               "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
 SMOLVLM_CHAT = ("<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
                 "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
@@ -36,8 +37,9 @@ SMOLVLM_CHAT = ("<|im_start|>{% for message in messages %}{{ message['role'] | c
                 "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
 DEEPSEEK_CHAT = ("{{ 'You are a helpful language and vision assistant.\n\n' }}{% for message in messages %}"
                  "{{ message['role'] | capitalize + ': ' }}{% for c in message['content'] %}"
-                 "{% if c['type'] == 'image' %}{{ '<image_placeholder>' }}{% elif c['type'] == 'text' %}{{ c['text'] }}"
-                 "{% endif %}{% endfor %}{{ '\n\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+                 "{% if c['type'] == 'image' %}{{ '<image_placeholder>' }}{% elif c['type'] == 'text' %}"
+                 "{{ c['text'] }}{% endif %}{% endfor %}{{ '\n\n' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
 
 
 def make_tokenizer(specials: list[str], bos: str | None, eos: str, add_bos: bool, **named):
@@ -159,7 +161,7 @@ def build_deepseek_vl(out: Path) -> Path:
     config = tf.DeepseekVLConfig(vision_config=vision, text_config=text, image_token_id=ids("<image_placeholder>"))
     torch.manual_seed(2)
     model = tf.DeepseekVLForConditionalGeneration(config).eval()
-    _scale_init(model, 0.5)
+    _scale_init(model, gain=2.0)
     image_processor = tf.DeepseekVLImageProcessorPil(size={"height": 32, "width": 32}, min_size=4)
     processor = tf.DeepseekVLProcessor(image_processor=image_processor, tokenizer=tok, num_image_tokens=16,
                                        chat_template=DEEPSEEK_CHAT)
@@ -168,14 +170,15 @@ def build_deepseek_vl(out: Path) -> Path:
     return out
 
 
-def _scale_init(model, std: float) -> None:
-    """Re-draw linear/embedding weights with a larger std (SigLIP and some towers ignore initializer_range)."""
+def _scale_init(model, gain: float) -> None:
+    """Re-draw linear/conv/embedding weights as N(0, gain / sqrt(fan_in)): SigLIP's init ignores
+    initializer_range, and its default leaves logits too flat for stable greedy tokens."""
     import torch
 
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv2d)):
-                module.weight.normal_(0.0, std / max(1.0, module.weight.shape[-1] ** 0.5) * 4)
+                module.weight.normal_(0.0, gain / module.weight.shape[-1] ** 0.5)
 
 
 def build_not_a_vlm(out: Path) -> Path:

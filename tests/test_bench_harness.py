@@ -19,11 +19,13 @@ TORCH = Setup("fake", "pytorch", "pytorch", "fp32")
 FAST = Setup("fake", "edgevl", "onnxruntime", "fp32")
 UNBUILDABLE = Setup("fake", "edgevl", "openvino", "int8")
 CRASHES = Setup("fake", "edgevl", "openvino", "fp32")
+CRASHES_AT_B2 = Setup("fake", "edgevl", "tensorrt", "fp32")
 
 SPECS = {
     TORCH.key: {"kind": "fake", "vision_ms": 8.0, "prefill_ms": 8.0, "step_ms": 4.0},
     FAST.key: {"kind": "fake", "vision_ms": 0.5, "prefill_ms": 0.5, "step_ms": 0.25},
     CRASHES.key: {"kind": "fake", "fail": "round"},
+    CRASHES_AT_B2.key: {"kind": "fake", "fail": "round", "fail_batch": 2},
 }
 
 
@@ -37,7 +39,7 @@ def prepare(setup: Setup) -> dict:
 def doc(tmp_path_factory):
     settings = Settings(new_tokens=6, positions=(64, 512), position_steps=4, rounds=2, budget_s=0.4,
                         generate_batches=(1,), accuracy_scenes=0, overhead_pairs=0, pause_s=0.0, warmup=1)
-    plan = Plan([TORCH, FAST, UNBUILDABLE, CRASHES], (1, 2), settings)
+    plan = Plan([TORCH, FAST, UNBUILDABLE, CRASHES, CRASHES_AT_B2], (1, 2), settings)
     logs = tmp_path_factory.mktemp("logs")
     runs = run_plan(plan, prepare, log_dir=logs, progress=False, log=lambda m: None)
     return document(runs, plan.batches, MACHINE, BANDWIDTH, settings.to_dict())
@@ -48,7 +50,7 @@ def _row(doc, setup, batch):
 
 
 def test_every_variant_has_a_row_with_the_schema(doc):
-    assert len(doc["variants"]) == 4 * 2
+    assert len(doc["variants"]) == 5 * 2
     for row in doc["variants"]:
         for key in ROW_KEYS:
             assert key in row, key
@@ -95,6 +97,11 @@ def test_failed_build_is_reported_and_others_still_run(doc):
     crashed = _row(doc, CRASHES, 1)
     assert crashed["status"] == "failed" and "told to fail at round" in crashed["error"]
     assert _row(doc, FAST, 2)["status"] == "ok" and _row(doc, TORCH, 2)["status"] == "ok"
+    # a worker that dies at batch 2 keeps its batch-1 row, with a warning
+    early, late = _row(doc, CRASHES_AT_B2, 1), _row(doc, CRASHES_AT_B2, 2)
+    assert early["status"] == "ok" and early["vision_ms_p50"] is not None
+    assert any("failed later, at batch 2" in w for w in early["warnings"])
+    assert late["status"] == "failed" and "measuring batch 2 failed" in late["error"]
 
 
 def test_markdown_table_renders(doc):
@@ -107,7 +114,7 @@ def test_markdown_table_renders(doc):
         if not line.startswith("|"):
             break
         body.append(line)
-    assert len(body) == 8
+    assert len(body) == 10
     cols = lines[header].count("|")
     assert all(line.count("|") == cols for line in body if "failed" not in line)
     assert "PyTorch eager fp32" in text and "1.00x (ref)" in text
@@ -167,7 +174,7 @@ def test_a_busy_machine_is_called_out(doc):
 
 def test_runtime_targets_are_checked_on_edgevl_fp32_rows(doc):
     checks = [c for c in doc["runtime_targets"] if c["model"] == "fake"]
-    assert {c["backend"] for c in checks} == {"onnxruntime"}         # the crashed openvino row has none
+    assert {c["backend"] for c in checks} == {"onnxruntime", "tensorrt"}   # the crashed openvino row has none
     decode = next(c for c in checks if c["check"].startswith("decode tok/s vs"))
     assert decode["value"] == _row(doc, FAST, 1)["speedups_vs_torch"]["decode"]
     assert decode["ok"] == (decode["value"] >= 1.7)

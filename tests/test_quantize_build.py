@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 
 from edgevl.errors import BackendUnavailable, BundleError, ConfigError
-from tests.conftest import needs_openvino, needs_torch
+from conftest import needs_openvino, needs_torch
 
 
 @pytest.mark.parametrize("target, precision, error, match", [

@@ -8,7 +8,7 @@ import pytest
 from edgevl.errors import QuantizationError
 from edgevl.exporters.quantize.calibration import (ArraySource, ImageFolderSource, PreprocessTransform, VideoSource,
                                                    WorldSource, evenly_spaced, parse_source)
-from tests.conftest import needs_cv2
+from conftest import needs_cv2
 
 
 def _write_pngs(folder, n, size=(20, 30)):

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.conftest import HAS_TORCH
+from conftest import HAS_TORCH
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not HAS_TORCH, reason="needs the export extra (torch, nncf, torchao)")]

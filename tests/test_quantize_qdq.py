@@ -106,3 +106,52 @@ def test_entropy_differs_from_minmax(tmp_path):
         qdq.calibrate(src, heavy, tmp_path / f"{method}.json", method, OPS)
         ranges[method] = json.loads((tmp_path / f"{method}.json").read_text())
     assert json.dumps(ranges["minmax"]["data"]["x"]) != json.dumps(ranges["entropy"]["data"]["x"])
+
+
+def test_attention_inputs_keep_their_full_range_under_entropy(tmp_path):
+    """Softmax probabilities feeding a MatMul are not clipped by the KL search."""
+    import json
+
+    rng = np.random.default_rng(3)
+    w = numpy_helper.from_array(rng.normal(0, 1, (8, 8)).astype(np.float32), "W")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="scores"),
+             helper.make_node("Softmax", ["h"], ["p"], name="softmax", axis=-1),
+             helper.make_node("MatMul", ["p", "x"], ["y"], name="probs_x_values")]
+    graph = helper.make_graph(nodes, "attn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8, 8])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "attn.onnx"))
+    data = [{"x": (2 * rng.standard_t(3, (2, 8, 8))).astype(np.float32)} for _ in range(8)]
+    cache = qdq.calibrate(tmp_path / "attn.onnx", data, tmp_path / "c.json", "entropy", OPS)
+    before = json.loads(cache.read_text())["data"]["p"]["highest"]["data"]
+    changed = qdq.keep_full_range_for_attention(tmp_path / "attn.onnx", cache)
+    after = json.loads(cache.read_text())["data"]["p"]["highest"]["data"]
+    assert set(changed) == {"p", "x"}
+    assert after >= before and after >= 0.99          # the largest probabilities stay representable
+
+
+def test_uint8_activations_fuse_every_weight_matmul_in_onnxruntime(tmp_path):
+    """One activation feeding three projections (q/k/v after a norm): with uint8 activations
+    ONNX Runtime's optimised graph runs all three on integer kernels."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.2, (16, 16)).astype(np.float32), f"W{i}") for i in range(3)]
+    nodes = [helper.make_node("MatMul", ["x", f"W{i}"], [f"y{i}"], name=f"proj{i}") for i in range(3)]
+    graph = helper.make_graph(nodes, "qkv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+                              [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [4, 16]) for i in range(3)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "qkv.onnx"))
+    data = [{"x": rng.normal(0, 1, (4, 16)).astype(np.float32)} for _ in range(4)]
+    cache = qdq.calibrate(tmp_path / "qkv.onnx", data, tmp_path / "c.json", "minmax", OPS)
+    out = qdq.quantize(tmp_path / "qkv.onnx", tmp_path / "q.onnx", cache, "minmax", OPS, activations="uint8")
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    session = ort.InferenceSession(str(out), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert ops.count("MatMul") == 0 and ops.count("MatMulIntegerToFloat") == 3, ops
+    ref = ort.InferenceSession(str(tmp_path / "qkv.onnx")).run(None, data[0])
+    got = session.run(None, data[0])
+    assert all(np.abs(r - g).max() < 0.05 * np.abs(r).max() for r, g in zip(ref, got))

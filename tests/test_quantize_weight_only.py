@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import HAS_OPENVINO, needs_openvino
+from conftest import HAS_OPENVINO, needs_openvino
 
 
 @pytest.fixture(scope="module", params=[8, 4], ids=["int8-wo", "int4-wo"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import subprocess
 import sys
 import time
 import traceback
@@ -98,6 +99,9 @@ class OptimumIntel:
             config["INFERENCE_NUM_THREADS"] = str(self.spec["threads"])
         return config
 
+    def needs_export(self) -> bool:
+        return not (self.ov_dir / "config.json").is_file()
+
     def export(self) -> None:
         from optimum.intel import OVModelForVisualCausalLM
 
@@ -151,8 +155,14 @@ class OpenVINOGenAI(OptimumIntel):
 
 
 class OptimumORT(OptimumIntel):
+    def __init__(self, spec: dict):
+        super().__init__(spec)
+        self.ort_dir = Path(spec["work_dir"]) / "onnx"
+
+    def needs_export(self) -> bool:
+        return True                      # the export step also finds out whether optimum-onnx can run it
+
     def export(self) -> None:
-        self.ort_dir = Path(self.spec["work_dir"]) / "onnx"
         cls = self._cls()
         if not (self.ort_dir / "config.json").is_file():
             model = cls.from_pretrained(self.spec["checkpoint"], export=True)
@@ -192,7 +202,13 @@ class Worker:
         self.spec["checkpoint"] = str(compat_checkpoint(self.spec["checkpoint"], self.spec["work_dir"]))
         self.peer = PEERS[self.spec["peer"]](self.spec)
         t = time.perf_counter()
-        self.peer.export()
+        # export in a child process: its memory (torch tracing) is not this variant's peak
+        done = None
+        if self.peer.needs_export():
+            done = subprocess.run([sys.executable, __file__, "--export", json.dumps(self.spec)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done is not None and done.returncode != 0:
+            raise RuntimeError(f"{self.spec['peer']} export failed: " + (done.stderr.strip().splitlines() or ["?"])[-1])
         export_s = time.perf_counter() - t
         t = time.perf_counter()
         self.peer.load()
@@ -233,6 +249,10 @@ class Worker:
 
 
 def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--export":
+        spec = json.loads(sys.argv[2])
+        PEERS[spec["peer"]](spec).export()
+        return 0
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr

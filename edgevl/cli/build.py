@@ -11,9 +11,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int8-wo", "int4-wo"],
                    help="fp16: OpenVINO IR / TensorRT only; int8: static Q/DQ; *-wo: decoder weight-only")
     p.add_argument("--calib", default=None, help="calibration data for int8 (folder, video, .npy, 'world'; default world)")
-    p.add_argument("--method", default="entropy", choices=["minmax", "entropy", "percentile"])
+    p.add_argument("--method", default="percentile", choices=["minmax", "entropy", "percentile"])
     p.add_argument("--samples", type=int, default=64, help="calibration images (default 64)")
     p.add_argument("--block-size", type=int, default=32, help="weight-only block size (default 32)")
+    p.add_argument("--activations", choices=["int8", "uint8"], default=None,
+                   help="int8: symmetric (TensorRT, ARM; portable); uint8: asymmetric (ONNX Runtime on x86); "
+                        "default: uint8 for --target onnxruntime, else int8")
     p.add_argument("--budget", type=float, default=1.0, help="accuracy loss allowed vs FP32, in points (default 1.0)")
     p.add_argument("--accept-loss", action="store_true", help="write the bundle even if it breaks the budget")
     p.add_argument("--eval-scenes", type=int, default=200, help="validation scenes for the budget (default 200)")
@@ -27,5 +30,6 @@ def run(args) -> int:
 
     build_bundle(args.model, args.target, args.precision, args.out, calib=args.calib, force=args.force,
                  method=args.method, samples=args.samples, budget=args.budget, accept_loss=args.accept_loss,
-                 eval_scenes=args.eval_scenes, block_size=args.block_size, threads=args.threads)
+                 eval_scenes=args.eval_scenes, block_size=args.block_size, activations=args.activations,
+                 threads=args.threads)
     return 0

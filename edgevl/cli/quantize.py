@@ -13,8 +13,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-only", choices=["int8", "int4"], default=None,
                    help="decoder weight-only instead of INT8 Q/DQ (MatMulNBits for ONNX Runtime, NNCF IR for OpenVINO)")
     p.add_argument("--block-size", type=int, default=32, help="weight-only block size (default 32)")
-    p.add_argument("--method", default="entropy", choices=["minmax", "entropy", "percentile"],
-                   help="activation range calibration (default entropy)")
+    p.add_argument("--activations", choices=["int8", "uint8"], default=None,
+                   help="int8: symmetric (TensorRT, ARM; portable); uint8: asymmetric (ONNX Runtime on x86); "
+                        "default int8")
+
+    p.add_argument("--method", default="percentile", choices=["minmax", "entropy", "percentile"],
+                   help="activation range calibration (default percentile, 99.999th)")
     p.add_argument("--samples", type=int, default=64, help="calibration images (default 64)")
     p.add_argument("--decoder-prompts", type=int, default=32, help="prompts run to collect decoder feeds (default 32)")
     p.add_argument("--parts", default="vision,decoder", help="parts to quantize (default vision,decoder; embed stays float)")
@@ -36,6 +40,7 @@ def recipe_from_args(args):
     return PTQRecipe(method=args.method, samples=args.samples, decoder_prompts=args.decoder_prompts,
                      parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()),
                      reduce_range=not args.full_range_weights, float_rule=FloatRule(lm_head=args.lm_head),
+                     activations=args.activations or "int8",
                      budget_points=args.budget, accept_loss=args.accept_loss, eval_scenes=args.eval_scenes,
                      sensitivity=not args.no_sensitivity)
 

@@ -20,7 +20,8 @@ TEMPLATES = {
     "count": ("how many shapes are there?", "how many objects are in the image?", "count the shapes."),
     "color": ("what color is the {shape}?", "which color does the {shape} have?"),
     "shape": ("what shape is the {color} object?", "which shape is {color}?"),
-    "position": ("where is the {color} {shape}?", "in which part of the image is the {color} {shape}?"),
+    "position": ("where is the {color} {shape}?", "in which part of the image is the {color} {shape}?",
+                 "where is the {shape}?"),
     "caption": ("describe the image.", "what is in the picture?", "caption this image."),
 }
 

@@ -67,7 +67,7 @@ class DeepseekVLSpec(HFFamilySpec):
         lm = model.model.language_model
         decoder = llama_to_decoder(lm, model.lm_head, config.text_config, where)
         prompt, add_special, tokenizer_file = derive_prompt(ref, path, config.image_token_id, (side, side),
-                                            config.text_config.bos_token_id)
+                                                            config.text_config.bos_token_id)
         vision = VisionPart(torch.nn.ModuleList([model.model.vision_model, model.model.aligner]), _vision).eval()
         check_vision(where, vision, lambda px: model.model.get_image_features(px).pooler_output,
                      torch.randn(2, 3, side, side), prompt["image_seq_len"])

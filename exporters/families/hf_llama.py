@@ -99,8 +99,8 @@ def llama_to_decoder(text_model: torch.nn.Module, lm_head: torch.nn.Linear, text
     # The inverse-frequency table comes from the HF module, so linear/llama3 scaling is the HF one.
     hf_rotary = text_model.rotary_emb
     if float(getattr(hf_rotary, "attention_scaling", 1.0)) != 1.0:
-        raise UnsupportedArchitecture(f"{where}: RoPE attention scaling {hf_rotary.attention_scaling} is not supported; "
-                                      f"supported rope types: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        raise UnsupportedArchitecture(f"{where}: RoPE attention scaling {hf_rotary.attention_scaling} is not "
+                                      f"supported; supported rope types: {', '.join(SUPPORTED_ROPE_TYPES)}")
     decoder.rotary = RotaryEmbedding(spec.head_dim, spec.rope_theta)
     decoder.rotary.inv_freq = hf_rotary.inv_freq.detach().float().clone()
     left = [n for n, p in decoder.named_parameters() if p.is_meta] + \

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from edgevl.errors import UnsupportedArchitecture
-from edgevl.exporters.families.base import EmbedPart, ExportableVLM, VisionPart, read_config, register
+from edgevl.exporters.families.base import EmbedPart, ExportableVLM, read_config, register
 from edgevl.exporters.families.hf_base import (SAMPLE_PROMPTS, HFFamilySpec, HFReference, check_vision,
                                                derive_prompt, eos_ids, interpolation, normalisation, shipped_files)
 from edgevl.exporters.families.hf_llama import check_text_config, llama_to_decoder
@@ -86,11 +86,14 @@ class LlavaSpec(HFFamilySpec):
         decoder = llama_to_decoder(lm, model.lm_head, config.text_config, where)
         tokenizer_cfg = config.text_config
         prompt, add_special, tokenizer_file = derive_prompt(ref, path, config.image_token_id, out_size,
-                                            tokenizer_cfg.bos_token_id)
+                                                            tokenizer_cfg.bos_token_id)
         vision = LlavaVision(model, config.vision_feature_layer, strategy).eval()
-        check_vision(where, vision, lambda px: torch.stack(list(model.model.get_image_features(
-            px, vision_feature_layer=config.vision_feature_layer,
-            vision_feature_select_strategy=strategy).pooler_output)), torch.randn(2, 3, *out_size), prompt["image_seq_len"])
+
+        def hf_features(px):
+            out = model.model.get_image_features(px, vision_feature_layer=config.vision_feature_layer,
+                                                 vision_feature_select_strategy=strategy)
+            return torch.stack(list(out.pooler_output))
+        check_vision(where, vision, hf_features, torch.randn(2, 3, *out_size), prompt["image_seq_len"])
         return ExportableVLM(
             name=path.name, family=self.name, architecture=arch, source=str(path),
             vision=vision, embed=EmbedPart(lm.embed_tokens), decoder=decoder,

@@ -25,6 +25,7 @@ short edge rounded up to even), then a plain resize to ``max_image_size`` square
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -117,7 +118,7 @@ class SmolVLMSpec(HFFamilySpec):
     architectures = ("SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration", "smolvlm", "idefics3")
     model_class = "SmolVLMForConditionalGeneration"
 
-    def load(self, path: Path, log=print) -> ExportableVLM:
+    def load(self, path: Path) -> ExportableVLM:
         from transformers import AutoConfig, AutoProcessor
 
         path = Path(path)
@@ -130,14 +131,15 @@ class SmolVLMSpec(HFFamilySpec):
         ip = processor.image_processor
         preprocess, side = preprocess_spec(ip, where)
         if ip.do_image_splitting:
-            log(f"  {path.name}: image splitting is disabled in the bundle (checkpoint default do_image_splitting="
-                "True); each image is encoded as the processor's global view, see preprocess.image_splitting")
+            logging.getLogger(__name__).warning(
+                "%s: image splitting is disabled in the bundle (checkpoint default do_image_splitting=True); each "
+                "image is encoded as the processor's global view, see preprocess.image_splitting", path.name)
         eos = eos_ids(model)
         ref = HFReference(model, processor, eos, image_kwargs=NO_SPLITTING, default_template=DEFAULT_TEMPLATE)
         text_model = model.model.text_model
         decoder = llama_to_decoder(text_model, model.lm_head, config.text_config, where)
         prompt, add_special, tokenizer_file = derive_prompt(ref, path, config.image_token_id, (side, side),
-                                            config.text_config.bos_token_id)
+                                                            config.text_config.bos_token_id)
         vision = Idefics3Vision(model, side).eval()
         check_vision(where, vision, lambda px: model.model.get_image_features(px[:, None]).pooler_output[0],
                      torch.randn(1, 3, side, side), prompt["image_seq_len"])

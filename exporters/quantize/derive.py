@@ -29,6 +29,13 @@ def part_files(bundle: Bundle, part: str) -> set[str]:
     return {r for r in listed if r in rels or any(r.startswith(x + ".") for x in rels)}
 
 
+def as_bundle(bundle) -> Bundle:
+    """A Bundle as it is, or a path loaded (and verified)."""
+    from edgevl.bundle import load_bundle
+
+    return bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+
+
 def require_fp32(bundle: Bundle, what: str) -> None:
     if bundle.precision != "fp32" or bundle.manifest.get("quantization"):
         raise QuantizationError(f"{bundle.path} is already {bundle.precision}; {what} starts from an FP32 bundle "

@@ -11,6 +11,13 @@ Q/DQ nodes sit decides the speed as much as the accuracy: quantizing everything 
 - the LM head (the last MatMul before ``logits``) stays float when quantizing it hurts (the
   "auto" rule measures top-1 agreement of the logits), because every output token depends on it
   and a wrong argmax is a wrong word;
+- the decoder's attention MatMuls (activation x activation: scores against the KV cache,
+  probabilities x values) stay float: per-tensor int8 of softmax probabilities and of a cache
+  that is mostly padding cost most of the decoder's error (measured, ORT 1.31: logits cosine vs
+  FP32 0.982 with them int8, 0.9996 without), OpenVINO 2026.4 computes them differently from
+  the Q/DQ semantics (cosine 0.79 vs ONNX Runtime on the same graph), and decode time goes to
+  the weight MatMuls, not to these. The vision encoder's attention MatMuls are quantized
+  (no cache; both backends agree, cosine 0.9987);
 - the embed part is never quantized (a table lookup; no compute to speed up);
 - nodes matching the recipe's ``extra_float`` patterns, and nodes the sensitivity pass picks.
 """
@@ -63,11 +70,23 @@ def quantizable_nodes(model, op_types=WEIGHT_OPS) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in op_types]
 
 
-def rule_float_nodes(model, extra_patterns=(), lm_head_float: bool = False) -> list[FloatNode]:
-    """Norms, softmax, the LM head (when ``lm_head_float``) and nodes matching ``extra_patterns``."""
+def activation_matmuls(model) -> list[str]:
+    """MatMuls with no constant operand (attention scores and probabilities x values)."""
+    constant = {t.name for t in model.graph.initializer}
+    constant |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(i in constant for i in n.input)]
+
+
+def rule_float_nodes(model, extra_patterns=(), lm_head_float: bool = False,
+                     attention_float: bool = False) -> list[FloatNode]:
+    """Norms, softmax, the LM head (when ``lm_head_float``), activation x activation MatMuls (when
+    ``attention_float``: the decoder's attention over its KV cache) and ``extra_patterns``."""
     out = []
+    attention = set(activation_matmuls(model)) if attention_float else set()
     for n in model.graph.node:
-        if n.op_type in NORM_OPS:
+        if n.name in attention:
+            out.append(FloatNode(n.name, n.op_type, "decoder attention (activation x activation over the KV cache)"))
+        elif n.op_type in NORM_OPS:
             out.append(FloatNode(n.name, n.op_type, "norm: row statistics are rounding-sensitive and cheap"))
         elif n.op_type in SOFTMAX_OPS:
             out.append(FloatNode(n.name, n.op_type, "softmax: quantized at its consumer's input instead"))

@@ -21,14 +21,19 @@ def nncf_quantize_openvino(src: Path, out_xml: Path, feeds: list[dict], ignored:
                            fast_bias_correction: bool = True) -> dict:
     import nncf
     import openvino as ov
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
     from edgevl.exporters.quantize.qdq import quiet
 
     model = ov.Core().read_model(str(src))
+    # 7-bit weights everywhere (NNCF's default fixes the first layer only): CPUs without VNNI run
+    # int8 dot products through vpmaddubsw, whose int16 sums saturate with full-range weights
+    advanced = AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE)
     with quiet():
         quantized = nncf.quantize(model, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER,
                                   subset_size=len(feeds), fast_bias_correction=fast_bias_correction,
-                                  ignored_scope=nncf.IgnoredScope(names=list(ignored), validate=False))
+                                  ignored_scope=nncf.IgnoredScope(names=list(ignored), validate=False),
+                                  advanced_parameters=advanced)
     ov.save_model(quantized, str(out_xml), compress_to_fp16=False)
     fq = sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ops())
     return {"tool": "nncf.quantize (OpenVINO backend, ModelType.TRANSFORMER)", "FakeQuantize": fq,
@@ -36,11 +41,28 @@ def nncf_quantize_openvino(src: Path, out_xml: Path, feeds: list[dict], ignored:
 
 
 def add_openvino_int8(writer, feeds: dict, plans: dict) -> dict:
-    """``after_qdq`` hook of quantize_bundle: an NNCF INT8 IR per quantized part."""
+    """``after_qdq`` hook of quantize_bundle: an NNCF INT8 IR per quantized part. An IR whose
+    compiled outputs break the part contract (OpenVINO's INT8 LM head bug, see
+    ptq.backends_breaking_contract) is redone with the LM head ignored, else refused."""
+    import onnx
+
+    from edgevl.errors import QuantizationError
+    from edgevl.exporters.quantize.float_rules import lm_head_node
+    from edgevl.exporters.quantize.ptq import backends_breaking_contract
+
     artifacts, parts = {}, {}
     for part, plan in plans.items():
         rel = f"{OPENVINO_DIR}/{part}.xml"
-        info = nncf_quantize_openvino(plan.source, writer.file(rel), feeds[part], plan.excluded)
+        ignored = list(plan.excluded)
+        info = nncf_quantize_openvino(plan.source, writer.file(rel), feeds[part], ignored)
+        broken = backends_breaking_contract(plan.source, writer.file(rel))
+        head = lm_head_node(onnx.load(str(plan.source), load_external_data=False))
+        if broken and head and head not in ignored:
+            info = nncf_quantize_openvino(plan.source, writer.file(rel), feeds[part], ignored + [head])
+            info["lm_head"] = f"ignored: {'; '.join(broken)}"
+            broken = backends_breaking_contract(plan.source, writer.file(rel))
+        if broken:
+            raise QuantizationError(f"the NNCF INT8 IR of part {part!r} breaks the part contract: {'; '.join(broken)}")
         writer.manifest["parts"][part].setdefault("artifacts", {})["openvino"] = rel
         artifacts[f"openvino:{part}"] = f"parts.{part}.artifacts.openvino ({rel}: NNCF INT8 IR)"
         parts[part] = info

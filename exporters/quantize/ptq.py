@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgevl.bundle import Bundle, load_bundle
+from edgevl.bundle import Bundle
 from edgevl.errors import AccuracyBudgetExceeded, QuantizationError
 from edgevl.exporters.quantize import qdq
 from edgevl.exporters.quantize.float_rules import FloatNode, lm_head_node, rule_float_nodes
@@ -54,7 +54,7 @@ class PartPlan:
     def build(self, recipe: PTQRecipe, extra_exclude=(), out: Path | None = None) -> Path:
         return qdq.quantize(self.source, out or self.target, self.cache, recipe.method, recipe.op_types,
                             exclude=self.excluded + list(extra_exclude), per_channel=recipe.per_channel,
-                            reduce_range=recipe.reduce_range)
+                            reduce_range=recipe.reduce_range, activations=recipe.activations)
 
 
 def installed_eval_backends(wanted) -> tuple[str, ...]:
@@ -75,11 +75,15 @@ def plan_parts(src: Bundle, writer, recipe: PTQRecipe, feeds: dict, log) -> dict
         t = time.perf_counter()
         cache = qdq.calibrate(source, feeds[part], writer.file(f"calibration/{part}.json"), recipe.method,
                               recipe.op_types, recipe.percentile, recipe.entropy_bins)
+        if recipe.method != "minmax":
+            qdq.keep_full_range_for_attention(source, cache)
         model = onnx.load(str(source), load_external_data=False)
         plans[part] = PartPlan(part, source, writer.file(src.parts[part]["onnx"]), cache,
                                {n.name: n.op_type for n in model.graph.node if n.op_type in recipe.op_types},
                                rule_float_nodes(model, recipe.float_rule.extra_float,
-                                                lm_head_float=recipe.float_rule.lm_head == "float"))
+                                                lm_head_float=recipe.float_rule.lm_head == "float",
+                                                attention_float=part == "decoder"
+                                                and recipe.float_rule.decoder_attention == "float"))
         log(f"  calibrated {part:<8} {recipe.method} on {len(feeds[part])} feeds in {time.perf_counter() - t:.1f} s")
     return plans
 
@@ -103,14 +107,43 @@ def decide_lm_head(plan: PartPlan, recipe: PTQRecipe, feeds: list[dict], log) ->
         with_head = plan.build(recipe, out=Path(tmp) / "with.onnx")
         without = plan.build(recipe, extra_exclude=[head], out=Path(tmp) / "without.onnx")
         a_with, a_without = top1_agreement(plan.source, with_head, feeds), top1_agreement(plan.source, without, feeds)
+        broken = backends_breaking_contract(plan.source, with_head)
     hurts = a_with < a_without - recipe.float_rule.lm_head_tolerance
-    if hurts:
-        plan.chosen_float.append(FloatNode(head, plan.quantizable.get(head, "MatMul"), f"LM head: top-1 agreement {a_with:.3f} quantized vs "
-                                                    f"{a_without:.3f} float (tolerance {recipe.float_rule.lm_head_tolerance})"))
-    log(f"  LM head {head}: top-1 agreement {a_with:.3f} int8 vs {a_without:.3f} float -> "
-        f"{'float' if hurts else 'int8'}")
+    reason = None
+    if broken:
+        reason = (f"LM head: with it in INT8, {'; '.join(broken)} (the part contract says logits (B, V)), so it "
+                  "stays float")
+    elif hurts:
+        reason = (f"LM head: top-1 agreement {a_with:.3f} quantized vs {a_without:.3f} float "
+                  f"(tolerance {recipe.float_rule.lm_head_tolerance})")
+    if reason:
+        plan.chosen_float.append(FloatNode(head, plan.quantizable.get(head, "MatMul"), reason))
+    log(f"  LM head {head}: top-1 agreement {a_with:.3f} int8 vs {a_without:.3f} float"
+        f"{'; ' + '; '.join(broken) if broken else ''} -> {'float' if reason else 'int8'}")
     return {"rule": "auto", "node": head, "top1_int8": round(a_with, 4), "top1_float": round(a_without, 4),
-            "kept_float": hurts}
+            "backend_problems": broken, "kept_float": bool(reason)}
+
+
+def backends_breaking_contract(reference: Path, candidate: Path) -> list[str]:
+    """Backends whose compiled candidate has outputs of another rank than the FP32 part.
+
+    Found this way: OpenVINO 2026.4's CPU plugin compiles the Q/DQ decoder with an INT8 LM head
+    (DequantizeLinear -> MatMul -> last-token Gather) to logits of shape [1, B, V] instead of
+    [B, V]; the FP32 graph and the graph with a float LM head compile to [B, V]."""
+    from edgevl.runtimes.registry import is_installed
+
+    problems = []
+    if is_installed("openvino"):
+        import openvino as ov
+
+        core = ov.Core()
+        want = {o.get_any_name(): o.get_partial_shape().rank.get_length() for o in core.read_model(str(reference)).outputs}
+        compiled = core.compile_model(str(candidate), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        for out in compiled.outputs:
+            name, rank = out.get_any_name(), out.get_partial_shape().rank.get_length()
+            if name in want and rank != want[name]:
+                problems.append(f"OpenVINO {ov.__version__} compiles output {name!r} to shape {out.get_partial_shape()}")
+    return problems
 
 
 def quantization_manifest(recipe: PTQRecipe, source_desc: str, plans: dict, feeds: dict, lm_head: dict,
@@ -124,15 +157,17 @@ def quantization_manifest(recipe: PTQRecipe, source_desc: str, plans: dict, feed
                        "DequantizeLinear": counts["DequantizeLinear"], "int8_weights": counts["int8_weights"],
                        "float_nodes": [f.to_dict() for f in plan.float_nodes],
                        "calibration": str(plan.cache.relative_to(plan.cache.parents[1]))}
-    artifacts = {"onnxruntime": "parts.*.onnx (Q/DQ)", "openvino": "parts.*.onnx (Q/DQ)",
-                 "tensorrt": "parts.*.onnx (Q/DQ, explicit quantization)"}
+    artifacts = {"onnxruntime": "parts.*.onnx (Q/DQ)", "openvino": "parts.*.onnx (Q/DQ)"}
+    if recipe.activations == "int8":
+        artifacts["tensorrt"] = "parts.*.onnx (Q/DQ, explicit quantization)"
     artifacts.update(extra_artifacts or {})
     return {
         "scheme": "int8 static Q/DQ",
         "method": recipe.method,
         "tool": "onnxruntime.quantization.quantize_static (QuantFormat.QDQ)",
         "weights": "int8 symmetric per-channel" + (", 7-bit range (reduce_range)" if recipe.reduce_range else ""),
-        "activations": "int8 symmetric per-tensor",
+        "activations": ("int8 symmetric per-tensor" if recipe.activations == "int8"
+                        else "uint8 asymmetric per-tensor (ONNX Runtime x86; not TensorRT)"),
         "op_types": list(recipe.op_types),
         "source": source_desc,
         "samples": recipe.samples,
@@ -154,12 +189,12 @@ def quantize_bundle(bundle, calib, out, recipe: PTQRecipe = PTQRecipe(), force: 
     from edgevl.exporters.quantize import sensitivity
     from edgevl.exporters.quantize.calibration import parse_source
     from edgevl.exporters.quantize.decoder_feeds import held_out_feeds, part_feeds
-    from edgevl.exporters.quantize.derive import derived_writer, require_fp32, staged_bundle
+    from edgevl.exporters.quantize.derive import as_bundle, derived_writer, require_fp32, staged_bundle
     from edgevl.exporters.quantize.report import REPORT_FILE, AccuracyEvaluator, budget_verdict, parts_report, summary_lines
 
     recipe.validate()
     t0 = time.perf_counter()
-    src = load_bundle(bundle)
+    src = as_bundle(bundle)
     require_fp32(src, "quantize")
     missing = [p for p in recipe.parts if p not in src.parts]
     if missing:

@@ -7,8 +7,8 @@ Recipe (MEASURED.md item 8, NNCF 3.4 + torch 2.13):
    from the same realistic feeds PTQ uses (decoder: prefill + decode steps with real KV caches);
    ``overflow_fix=ENABLE`` keeps weights in a 7-bit range, like PTQ's ``reduce_range``, so the
    integer kernels of non-VNNI x86 CPUs do not saturate;
-3. a bounded training loop on the model's own training data (edgevl.train.make_batch: fresh
-   world scenes, all five questions per image, loss on answer tokens). The decoder is trained
+3. a bounded training loop on the model's own training data (edgevl.train.make_batch over
+   training_qas of fresh world scenes, loss on answer tokens, as edgevl.train does). The decoder is trained
    through the same cache path the export traces (an empty, zero-capacity KV cache), so every
    fake quantizer the ONNX graph will carry is in the training graph too;
 4. ``nncf.strip(..., strip_format=NATIVE)`` (imports torchao) -> standard QuantizeLinear /
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgevl.bundle import Bundle, BundleWriter
+from edgevl.bundle import Bundle
 from edgevl.errors import QuantizationError
 from edgevl.exporters.quantize.recipes import QATRecipe
 
@@ -51,7 +51,9 @@ def fake_quantize(vision, decoder, feeds: dict, recipe: QATRecipe):
     traces the decoder's shape arithmetic (``rep * t`` in the attention reshape) as tensor ops,
     which shifts the counters: the quantizer meant for a query tensor then lands on a shape
     (seen as "fake_quantize ... not implemented for 'Long'"). Linear layers' hooks are keyed by
-    module and are stable, so every projection, MLP and the LM head are quantized. The vision
+    module and are stable, so every projection and MLP is quantized. The LM head stays float:
+    OpenVINO 2026.4 compiles an INT8 LM head to logits of the wrong shape (see
+    ptq.backends_breaking_contract), and PTQ keeps it float for the same reason. The vision
     part has no such arithmetic between hooked ops; both parts are checked for ONNX vs PyTorch
     parity after export, so a shifted quantizer cannot pass silently."""
     import nncf
@@ -69,33 +71,39 @@ def fake_quantize(vision, decoder, feeds: dict, recipe: QATRecipe):
                                 subset_size=len(vision_items), advanced_parameters=advanced)
         qdecoder = nncf.quantize(decoder, nncf.Dataset(decoder_items), model_type=nncf.ModelType.TRANSFORMER,
                                  subset_size=len(decoder_items), advanced_parameters=advanced,
-                                 ignored_scope=nncf.IgnoredScope(types=["matmul"]))
+                                 ignored_scope=nncf.IgnoredScope(types=["matmul"], patterns=[r".*lm_head.*"],
+                                                                 validate=False))
     return qvision, qdecoder, vision_items[0], decoder_items[0]
 
 
-def train_step_loss(qvision, qdecoder, batch, cfg):
-    """Cross-entropy on answer tokens, through the cache path of the decoder (empty cache)."""
+def train_step_loss(qvision, qdecoder, pixels, batches, cfg):
+    """Cross-entropy on answer tokens (edgevl.train's loss), through the decoder's cache path with
+    an empty cache. ``batches``: edgevl.train.make_batch's (row image index, ids, targets) groups."""
     import torch
     import torch.nn.functional as F
 
     from edgevl.train import IGNORE
 
-    pixels, ids, tgt = batch
     image_tokens = qvision(pixels)                                         # (S, N, D)
-    embeds = image_tokens.repeat_interleave(ids.shape[0] // pixels.shape[0], 0)
-    x = qdecoder.embed_tokens(ids)
-    is_image = ids == cfg.image_token_id
-    x = x.masked_scatter(is_image[..., None], embeds.reshape(-1, x.shape[-1]).to(x.dtype))
-    b, spec = ids.shape[0], qdecoder.spec
-    empty = [torch.zeros(b, spec.n_kv_heads, 0, spec.head_dim) for _ in range(spec.n_layers)]
-    logits, _, _ = qdecoder(x, empty, list(empty), torch.zeros(b, dtype=torch.int64), False)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=IGNORE)
+    spec = qdecoder.spec
+    loss_sum, n_targets = 0.0, 0
+    for index, ids, tgt in batches:
+        x = qdecoder.embed_tokens(ids)
+        is_image = ids == cfg.image_token_id
+        x = x.masked_scatter(is_image[..., None], image_tokens[index].reshape(-1, x.shape[-1]).to(x.dtype))
+        b = ids.shape[0]
+        empty = [torch.zeros(b, spec.n_kv_heads, 0, spec.head_dim) for _ in range(spec.n_layers)]
+        logits, _, _ = qdecoder(x, empty, list(empty), torch.zeros(b, dtype=torch.int64), False)
+        loss_sum = loss_sum + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                              ignore_index=IGNORE, reduction="sum")
+        n_targets += int((tgt != IGNORE).sum())
+    return loss_sum / max(1, n_targets)
 
 
 def finetune(qvision, qdecoder, tokenizer, cfg, recipe: QATRecipe, log=print, progress: bool = True) -> list[dict]:
     import torch
 
-    from edgevl.data.tasks import scene_qas
+    from edgevl.data.tasks import training_qas
     from edgevl.data.world import make_scene
     from edgevl.train import make_batch
 
@@ -115,16 +123,16 @@ def finetune(qvision, qdecoder, tokenizer, cfg, recipe: QATRecipe, log=print, pr
             # scenes the original training (seed 0) did not draw in this order: a fresh slice of the train split
             scenes = [make_scene("train", 10_000_000 + step * recipe.batch_scenes + j, recipe.seed)
                       for j in range(recipe.batch_scenes)]
-            qas = [scene_qas(s, variant_seed=int(rng.integers(1 << 30))) for s in scenes]
-            batch = make_batch([s.image() for s in scenes], qas, tokenizer, cfg)
-            loss = train_step_loss(qvision, qdecoder, batch, cfg)
+            qas = [training_qas(s, variant_seed=int(rng.integers(1 << 30))) for s in scenes]
+            pixels, batches = make_batch([s.image() for s in scenes], qas, tokenizer, cfg)
+            loss = train_step_loss(qvision, qdecoder, pixels, batches, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
             opt.step()
-            history.append({"step": step + 1, "loss": round(float(loss), 5)})
+            history.append({"step": step + 1, "loss": round(loss.item(), 5)})
             if bar is not None:
-                bar.set_postfix_str(f"loss {float(loss):.4f}")
+                bar.set_postfix_str(f"loss {loss.item():.4f}")
                 bar.update(1)
     finally:
         if bar is not None:

@@ -15,8 +15,9 @@ def write_qat_bundle(vlm, fp32: Bundle, out, recipe: QATRecipe, history: list[di
     from edgevl.exporters.onnx_export import export_decoder, export_embed, export_vision
     from edgevl.exporters.quantize.decoder_feeds import held_out_feeds
     from edgevl.exporters.quantize.derive import staged_bundle, tool_versions
-    from edgevl.exporters.quantize.ptq import installed_eval_backends
-    from edgevl.exporters.quantize.qdq import count_qdq
+    from edgevl.errors import QuantizationError
+    from edgevl.exporters.quantize.ptq import backends_breaking_contract, installed_eval_backends
+    from edgevl.exporters.quantize.qdq import count_qdq, fold_weight_quantizers
     from edgevl.exporters.quantize.report import REPORT_FILE, AccuracyEvaluator, budget_verdict, parts_report, summary_lines
     from edgevl.runtimes.compare import Comparator
 
@@ -27,6 +28,12 @@ def write_qat_bundle(vlm, fp32: Bundle, out, recipe: QATRecipe, history: list[di
         export_vision(vlm.vision, vlm.pixel_shape, writer.file(files["vision"]))
         export_embed(vlm.embed, writer.file(files["embed"]))
         export_decoder(vlm.decoder, writer.file(files["decoder"]))
+        folded = {part: fold_weight_quantizers(writer.file(files[part])) for part in ("vision", "decoder")}
+        log(f"  int8 weights folded: {folded}")
+        for part in ("vision", "decoder"):
+            broken = backends_breaking_contract(fp32.part_file(part), writer.file(files[part]))
+            if broken:
+                raise QuantizationError(f"the QAT {part} part breaks the part contract: {'; '.join(broken)}")
         writer.copy_in(vlm.tokenizer_file, "tokenizer.json")
         for rel, src in vlm.extra_files.items():
             writer.copy_in(src, rel)
@@ -69,7 +76,8 @@ def write_qat_bundle(vlm, fp32: Bundle, out, recipe: QATRecipe, history: list[di
             "samples": recipe.calib_samples, "decoder_feeds": len(feeds["decoder"]), "steps": len(history),
             "parts": parts, "float_parts": ["embed"],
             "float_nodes": ["nncf TRANSFORMER preset: norms, softmax and residual adds are not quantized",
-                            "decoder attention matmuls (see qat.fake_quantize: NNCF hook names vs traced shape math)"],
+                            "decoder attention matmuls (see qat.fake_quantize: NNCF hook names vs traced shape math)",
+                            "decoder LM head (OpenVINO 2026.4 mis-shapes an INT8 LM head's logits)"],
             "artifacts": {"onnxruntime": "parts.*.onnx (Q/DQ)", "openvino": "parts.*.onnx (Q/DQ)",
                           "tensorrt": "parts.*.onnx (Q/DQ, explicit quantization)"},
             "recipe": recipe.to_dict(), "versions": tool_versions()}

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from edgevl.bundle import Bundle, load_bundle
+from edgevl.bundle import Bundle
 from edgevl.errors import AccuracyBudgetExceeded, QuantizationError
 from edgevl.exporters.quantize.qdq import clamp_ir_version, has_external_data, quiet
 from edgevl.exporters.quantize.recipes import WeightOnlyRecipe
@@ -78,7 +78,7 @@ def weight_only_bundle(bundle, out, recipe: WeightOnlyRecipe = WeightOnlyRecipe(
                        eval_split: str = "val", threads: int | None = None, log=print) -> Bundle:
     """Write a weight-only bundle (precision ``int8-wo`` / ``int4-wo``) with its accuracy report."""
     from edgevl.exporters.quantize.decoder_feeds import held_out_feeds
-    from edgevl.exporters.quantize.derive import derived_writer, require_fp32, staged_bundle, tool_versions
+    from edgevl.exporters.quantize.derive import as_bundle, derived_writer, require_fp32, staged_bundle, tool_versions
     from edgevl.exporters.quantize.ptq import installed_eval_backends
     from edgevl.exporters.quantize.report import (REPORT_FILE, AccuracyEvaluator, budget_verdict, parts_report,
                                                   summary_lines)
@@ -86,7 +86,7 @@ def weight_only_bundle(bundle, out, recipe: WeightOnlyRecipe = WeightOnlyRecipe(
 
     recipe.validate()
     t0 = time.perf_counter()
-    src = load_bundle(bundle)
+    src = as_bundle(bundle)
     require_fp32(src, "weight-only quantization")
     if "decoder" not in src.parts:
         raise QuantizationError(f"{src.path} has no decoder part; weight-only quantization is for the decoder")
