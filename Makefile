@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.edgevl-installed
 OUT    ?= out
 
-.PHONY: setup demo test test-fast test-arm64 bench clean
+.PHONY: setup demo test test-fast test-arm64 clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

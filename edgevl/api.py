@@ -115,13 +115,15 @@ class VLM:
     def generate(self, images, prompt: str, channels: str = "bgr", max_new_tokens: int | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  repetition_penalty: float | None = None, seed: int | None = None,
-                 stop_token_ids=None) -> GenerationResult:
+                 stop_token_ids=None, deadline_s: float | None = None) -> GenerationResult:
+        """Answer ``prompt`` about ``images`` (one, a list, or None). ``deadline_s`` (with
+        ``batching=True``): fail with DeadlineExceeded if the answer is not finished in time."""
         timings: dict = {}
         t0 = time.perf_counter()
         tokens = list(self._token_stream(images, prompt, channels, timings, max_new_tokens=max_new_tokens,
                                          temperature=temperature, top_k=top_k, top_p=top_p,
                                          repetition_penalty=repetition_penalty, seed=seed,
-                                         stop_token_ids=stop_token_ids))
+                                         stop_token_ids=stop_token_ids, deadline_s=deadline_s))
         steps = timings.pop("decode_steps", [])
         timings["decode_total"] = float(sum(steps))
         timings["decode_per_token"] = float(np.mean(steps)) if steps else 0.0
@@ -131,8 +133,11 @@ class VLM:
         timings = {k: round(v, 3) for k, v in timings.items()}
         return GenerationResult(self.engine.decode_tokens(tokens), tokens, timings, prompt_tokens, finish)
 
-    def _token_stream(self, images, prompt, channels, timings, **sampling) -> Iterator[int]:
+    def _token_stream(self, images, prompt, channels, timings, deadline_s=None, **sampling) -> Iterator[int]:
         params = self._params(**sampling)
+        if deadline_s is not None and self.scheduler is None:
+            raise ValueError("deadline_s needs batching=True (the scheduler enforces deadlines); "
+                             "load with edgevl.load(..., batching=True)")
         images_list = [] if images is None else images if isinstance(images, (list, tuple)) else [images]
         t = time.perf_counter()
         pixels = self.pixels(images_list, channels) if images_list else None
@@ -140,7 +145,7 @@ class VLM:
         ids = self.engine.encode_prompt(prompt, n_images=len(images_list))
         timings["prompt_tokens"] = len(ids)
         if self.scheduler is not None:
-            yield from self.scheduler.stream(ids, pixels, params, timings)
+            yield from self.scheduler.stream(ids, pixels, params, timings, deadline_s=deadline_s)
             return
         with self._lock:
             t = time.perf_counter()
@@ -157,6 +162,15 @@ class VLM:
                        for im, q in zip(images, questions)]
             return [self.engine.decode_tokens(f.result()) for f in futures]
         return [self.generate(im, q, channels=channels, **sampling).text for im, q in zip(images, questions)]
+
+    def metrics(self) -> dict:
+        """Batching metrics (queue depth, batch-size histogram, queue wait, per-request latency),
+        for generation and for vision encoding; empty without ``batching=True``."""
+        return self.scheduler.stats() if self.scheduler is not None else {}
+
+    def health(self) -> dict:
+        """Whether the scheduler and the vision batcher are alive, and their last errors."""
+        return self.scheduler.health() if self.scheduler is not None else {"scheduler": None, "vision": None}
 
     def close(self) -> None:
         if self.scheduler is not None:

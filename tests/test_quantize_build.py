@@ -33,6 +33,21 @@ def test_tensorrt_without_tensorrt_fails_fast_with_no_output(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_build_cli_passes_tensorrt_engine_options(monkeypatch, tmp_path):
+    """`edgevl build --target tensorrt` takes the same engine flags as `edgevl compile`."""
+    import edgevl.exporters.build as build
+    from edgevl.cli.main import main
+
+    seen = {}
+    monkeypatch.setattr(build, "build_bundle", lambda *a, **k: seen.update(k))
+    main(["build", "--model", "edgevl-tiny", "--target", "tensorrt", "--precision", "int8", "--via", "torch2trt",
+          "--max-batch", "4", "--dla-core", "0", "--out", str(tmp_path / "o")])
+    opts = seen["compile_options"]
+    assert (opts["via"], opts["max_batch"], opts["dla_core"]) == ("torch2trt", 4, 0)
+    main(["build", "--model", "edgevl-tiny", "--target", "onnxruntime", "--out", str(tmp_path / "o")])
+    assert seen["compile_options"] is None
+
+
 def test_existing_output_is_not_replaced_without_force(tmp_path):
     from edgevl.exporters.build import build_bundle
 

@@ -274,5 +274,19 @@ def test_api_batching_generate_is_thread_safe_and_matches_unbatched(tiny_bundle,
         [t.start() for t in threads]
         [t.join(60) for t in threads]
         answers = vlm.answer(images, questions, max_new_tokens=12)
+        stats = vlm.metrics()["scheduler"]
+        with pytest.raises(DeadlineExceeded, match="deadline"):
+            vlm.generate(images[0], questions[0], channels="rgb", max_new_tokens=500, deadline_s=1e-4)
     assert [got[i] for i in range(6)] == expected
     assert answers == [vlm.engine.decode_tokens(t) for t in expected]
+    assert stats["counters"]["accepted"] == 12 and stats["counters"]["completed"] == 12
+
+
+def test_api_deadline_without_batching_says_how_to_enable_it(tiny_bundle):
+    import edgevl
+    from edgevl.data.world import make_scene, render
+
+    with edgevl.load(tiny_bundle, backend="onnxruntime", verbose=False) as vlm:
+        assert vlm.metrics() == {}
+        with pytest.raises(ValueError, match="batching=True"):
+            vlm.generate(render(make_scene("test", 0)), "how many shapes?", channels="rgb", deadline_s=1.0)

@@ -23,13 +23,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--threads", type=int, default=None)
+    from edgevl.exporters.compile import target_module
+
+    # --target tensorrt: the same engine options as `edgevl compile` (profiles, DLA, --via torch2trt)
+    target_module("tensorrt").add_arguments(p.add_argument_group("tensorrt options (--target tensorrt)"))
 
 
 def run(args) -> int:
     from edgevl.exporters.build import build_bundle
+    from edgevl.exporters.compile import target_module
 
+    compile_options = target_module("tensorrt").options_from_args(args) if args.target == "tensorrt" else None
     build_bundle(args.model, args.target, args.precision, args.out, calib=args.calib, force=args.force,
                  method=args.method, samples=args.samples, budget=args.budget, accept_loss=args.accept_loss,
                  eval_scenes=args.eval_scenes, block_size=args.block_size, activations=args.activations,
-                 threads=args.threads)
+                 threads=args.threads, compile_options=compile_options)
     return 0
