@@ -86,3 +86,16 @@ def test_config_roundtrip(tmp_path):
     cfg.save(tmp_path / "config.json")
     assert TinyVLMConfig.load(tmp_path / "config.json") == cfg
     assert cfg.image_seq_len == 16
+
+
+def test_shipped_checkpoint_scores_at_least_093_on_200_held_out_scenes():
+    """The embedded default, in PyTorch FP32, on 200 test scenes (1,000-scene result:
+    benchmarks/results/eval_pytorch_1000.json)."""
+    from edgevl.evaluate import evaluate
+    from edgevl.models.checkpoint import load_checkpoint
+    from edgevl.models.reference import TorchAnswerer
+
+    model, tokenizer = load_checkpoint("edgevl-tiny")
+    res = evaluate(TorchAnswerer(model, tokenizer), n=200, split="test")
+    assert res["accuracy"] >= 0.93, res
+    assert min(res["by_task"].values()) >= 0.90, res["by_task"]

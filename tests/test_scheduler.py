@@ -276,7 +276,7 @@ def test_api_batching_generate_is_thread_safe_and_matches_unbatched(tiny_bundle,
         answers = vlm.answer(images, questions, max_new_tokens=12)
         stats = vlm.metrics()["scheduler"]
         with pytest.raises(DeadlineExceeded, match="deadline"):
-            vlm.generate(images[0], questions[0], channels="rgb", max_new_tokens=500, deadline_s=1e-4)
+            vlm.generate(images[0], questions[0], channels="rgb", max_new_tokens=400, deadline_s=1e-4)
     assert [got[i] for i in range(6)] == expected
     assert answers == [vlm.engine.decode_tokens(t) for t in expected]
     assert stats["counters"]["accepted"] == 12 and stats["counters"]["completed"] == 12
