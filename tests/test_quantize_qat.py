@@ -45,10 +45,10 @@ def test_qat_bundle_is_loadable_qdq(qat_bundle_dir):
     assert isinstance(answer, str)
 
 
-@pytest.mark.skipif(not os.environ.get("EDGEVL_QAT_STEPS"),
-                    reason="set EDGEVL_QAT_STEPS (e.g. 300) to fine-tune for real; minutes of CPU")
 def test_qat_scores_at_least_as_well_as_ptq(tiny_bundle, tmp_path):
-    """On the same held-out scenes and backend, QAT's accuracy >= PTQ's (entropy)."""
+    """On the same held-out scenes and backend, QAT's accuracy >= PTQ's (default recipe).
+    30 steps by default (about a minute); EDGEVL_QAT_STEPS=300 EDGEVL_QAT_SCENES=1000 is the
+    committed run's setting (benchmarks/results/quant_accuracy.md)."""
     from edgevl.bundle import load_bundle
     from edgevl.exporters.quantize.ptq import quantize_bundle
     from edgevl.exporters.quantize.qat import qat_bundle
@@ -59,7 +59,7 @@ def test_qat_scores_at_least_as_well_as_ptq(tiny_bundle, tmp_path):
     ptq = quantize_bundle(tiny_bundle, "world", tmp_path / "ptq", PTQRecipe(accept_loss=True, eval_scenes=20,
                                                                             eval_backends=("onnxruntime",)),
                           log=lambda *a: None, progress=False)
-    qat = qat_bundle("edgevl-tiny", tmp_path / "qat", QATRecipe(steps=int(os.environ["EDGEVL_QAT_STEPS"]),
+    qat = qat_bundle("edgevl-tiny", tmp_path / "qat", QATRecipe(steps=int(os.environ.get("EDGEVL_QAT_STEPS", "30")),
                                                                eval_scenes=20, eval_backends=("onnxruntime",)),
                      log=lambda *a: None, progress=False)
     a_ptq = evaluate_bundle(load_bundle(ptq.path), "onnxruntime", n, "test")["accuracy"]
