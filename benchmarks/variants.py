@@ -121,7 +121,8 @@ def parse_batches(text: str) -> tuple[int, ...]:
 def plan_setups(models: list[str], targets: list[str], precisions: list[str],
                  peers: list[str] | None = None) -> list[Setup]:
     """PyTorch eager FP32 first for each model (the reference every ratio is taken against),
-    then every (target, precision), then peers."""
+    then every (target, precision), then peers. A precision written ``int8@edgevl-tiny`` applies
+    to that model only (e.g. to skip INT8 builds of a large model)."""
     unknown = [t for t in targets if t not in KNOWN_BACKENDS]
     if unknown:
         raise ConfigError(f"unknown target(s) {', '.join(unknown)}; known: {', '.join(KNOWN_BACKENDS)}")
@@ -130,7 +131,9 @@ def plan_setups(models: list[str], targets: list[str], precisions: list[str],
         setups.append(Setup(model, REFERENCE_TOOL, "pytorch", "fp32"))
         for target in targets:
             for precision in precisions:
-                setups.append(Setup(model, EDGEVL_TOOL, target, precision))
+                name, _, only = precision.partition("@")
+                if not only or only == model:
+                    setups.append(Setup(model, EDGEVL_TOOL, target, name))
         for peer in peers or []:
             from edgevl.benchmarks.peers import peer_setup
 

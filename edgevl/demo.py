@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -20,6 +21,16 @@ from pathlib import Path
 
 def step(title: str) -> None:
     print(f"\n=== {title}", flush=True)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def best_local_target() -> tuple[str, str]:
@@ -79,7 +90,7 @@ def main(argv=None) -> int:
     step("3. camera-stream pipeline over a sample video (INT8 bundle), answers as they come")
     stream = stream_demo(int8.path, out / "stream", scenes=args.stream_scenes, backend=target)
 
-    step(f"4. benchmark and accuracy summary ({platform.processor() or platform.machine()})")
+    step(f"4. benchmark and accuracy summary ({cpu_name()}, {os.cpu_count()} cores)")
     model, tokenizer = load_checkpoint("edgevl-tiny")
     torch_answerer = TorchAnswerer(model, tokenizer)
     questions = []
@@ -96,7 +107,7 @@ def main(argv=None) -> int:
     base = None
     summary = {}
     for name, one, answerer, _ in rows:
-        ms = time_questions(one, questions)
+        ms = time_questions(one, questions, repeats=3)
         p50 = statistics.median(ms)
         base = base or p50
         res = evaluate(answerer, n=args.scenes)
@@ -109,7 +120,7 @@ def main(argv=None) -> int:
     score = stream["score"]
     if score.get("checked"):
         print(f"   stream: {score['correct']}/{score['checked']} live answers matched the video's ground truth")
-    print(f"\n   accuracy on {args.scenes} held-out scenes, {len(questions)} questions timed per variant on this "
+    print(f"\n   accuracy on {args.scenes} held-out scenes, {len(questions)} questions x 3 timed per variant on this "
           f"machine; full benchmarks: `edgevl bench` (README)")
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; bundles and stream outputs under {out}/")
     return 0

@@ -181,3 +181,11 @@ def test_runtime_targets_are_checked_on_edgevl_fp32_rows(doc):
     overhead = next(c for c in checks if "overhead" in c["check"])
     assert overhead["value"] is None and overhead["ok"] is None       # overhead_pairs=0: not measured
     assert "runtime target" in markdown(doc)
+
+
+def test_precision_can_be_limited_to_one_model():
+    from edgevl.benchmarks.variants import plan_setups
+
+    setups = plan_setups(["edgevl-tiny", "big"], ["onnxruntime"], ["fp32", "int8@edgevl-tiny"])
+    rows = [(s.model, s.precision) for s in setups if s.backend == "onnxruntime"]
+    assert rows == [("edgevl-tiny", "fp32"), ("edgevl-tiny", "int8"), ("big", "fp32")]

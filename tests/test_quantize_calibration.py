@@ -130,3 +130,16 @@ def test_decoder_feeds_are_real_prefill_and_decode_steps(tiny_bundle):
     template = bundle.manifest["prompt"]["template"]
     assert template.startswith("<bos>{image}")
     assert not np.allclose(prefills[0]["inputs_embeds"][0, 1], prefills[0]["inputs_embeds"][0, 2])
+
+
+def test_large_calibration_feeds_are_collected_one_per_call():
+    """ORT holds every calibrated tensor of a collect_data call in memory: big feeds go singly."""
+    import numpy as np
+
+    from edgevl.exporters.quantize.qdq import memory_chunks
+
+    small = [{"pixel_values": np.zeros((1, 3, 64, 64), np.float32)} for _ in range(20)]
+    large = [{"pixel_values": np.zeros((1, 3, 512, 512), np.float32)} for _ in range(5)]
+    assert [len(c) for c in memory_chunks(small)] == [8, 8, 4]
+    assert [len(c) for c in memory_chunks(large)] == [1] * 5
+    assert sum(memory_chunks(small), []) == small

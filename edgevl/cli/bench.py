@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="comma-separated: edgevl-tiny, smolvlm-256m-shaped, or checkpoint directories")
     p.add_argument("--targets", default="onnxruntime,openvino", help="backends (default onnxruntime,openvino)")
-    p.add_argument("--precisions", default="fp32", help="e.g. fp32,int8 (non-fp32 needs the quantizing builder)")
+    p.add_argument("--precisions", default="fp32", help="e.g. fp32,int8; int8@MODEL limits a precision to one model")
     p.add_argument("--batch", default="1,8", help="vision batch sizes; every size is a row (default 1,8)")
     p.add_argument("--generate-batches", default="1",
                    help="batch sizes at which TTFT/decode/e2e are measured too (default 1)")

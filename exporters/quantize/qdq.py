@@ -63,7 +63,8 @@ def calibrate(model_path: Path, feeds: list[dict], cache_path: Path, method: str
 
     Feeds are collected in groups of equal shapes (ORT's histogram collector stacks one group's
     outputs into one array, so a prefill and a decode step cannot share a group), largest first,
-    so the histogram range is set by the widest data and later groups only extend it."""
+    so the histogram range is set by the widest data and later groups only extend it. Each group
+    goes to the calibrator in memory-bounded chunks (``memory_chunks``)."""
     import tempfile
 
     from onnxruntime.quantization import create_calibrator, save_tensors_data
@@ -79,7 +80,8 @@ def calibrate(model_path: Path, feeds: list[dict], cache_path: Path, method: str
                                        use_external_data_format=has_external_data(model_path),
                                        extra_options=calibrator_options(method, percentile, bins))
         for group in shape_groups(feeds):
-            calibrator.collect_data(make_reader(group))
+            for chunk in memory_chunks(group):
+                calibrator.collect_data(make_reader(chunk))
         if method == "entropy":
             # ORT's KL search sums histograms with Python's sum() in a double loop: minutes per
             # part on 2 cores. Same search, vectorised (TensorRT's algorithm; instance-level only).
@@ -88,6 +90,16 @@ def calibrate(model_path: Path, feeds: list[dict], cache_path: Path, method: str
         del calibrator
     save_tensors_data(ranges, cache_path)
     return cache_path
+
+
+def memory_chunks(group: list[dict], large_feed_bytes: int = 1 << 20, small_chunk: int = 8) -> list[list[dict]]:
+    """Split a group of feeds into the chunks handed to one ``collect_data`` call each. ORT's
+    calibrators keep every calibrated tensor of every feed of a call in memory until the call
+    ends, then merge it into their ranges/histograms; for a 512-px SigLIP encoder that is ~2 GB
+    per image (attention probabilities of every layer), and 64 images in one call ran a 24 GB
+    machine out of memory. Large feeds go one per call, small ones a few at a time."""
+    size = 1 if sum(v.nbytes for v in group[0].values()) >= large_feed_bytes else small_chunk
+    return [group[i:i + size] for i in range(0, len(group), size)]
 
 
 def shape_groups(feeds: list[dict]) -> list[list[dict]]:
