@@ -56,7 +56,11 @@ def test_ctrl_c_stops_cleanly_with_complete_outputs(tiny_bundle, sample_factory,
     proc = subprocess.Popen(_cmd(tiny_bundle, "--source", sample.path, "--source", f"second={sample.path}",
                                  "--loop", "--fps", "5", "--jsonl", jsonl, "--video", tmp_path / "a.mp4",
                                  "--metrics", tmp_path / "m.json"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a shell without job control starts background jobs with SIGINT
+                            # ignored, and Python then installs no Ctrl-C handler: give the child
+                            # the default disposition, as a terminal would
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
@@ -65,7 +69,7 @@ def test_ctrl_c_stops_cleanly_with_complete_outputs(tiny_bundle, sample_factory,
             time.sleep(0.2)
         assert proc.poll() is None, proc.communicate()[1]
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=180)   # generous: a loaded 2-core CI box
+        stdout, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
