@@ -96,12 +96,13 @@ def alone(engine, requests):
             for ids, px, p in requests]
 
 
-def run_concurrently(scheduler, requests, stagger_s: float = 0.004):
-    """One thread per request, started ``stagger_s`` apart, so requests join mid-generation."""
+def run_concurrently(scheduler, requests, stagger_s: float = 0.004, together: int = 1):
+    """One thread per request, started ``stagger_s`` apart (the first ``together`` at once), so
+    requests join mid-generation."""
     results: dict[int, object] = {}
 
     def client(i):
-        time.sleep(stagger_s * i)
+        time.sleep(stagger_s * max(0, i - together + 1))
         try:
             results[i] = scheduler.submit(*requests[i]).result(60)
         except Exception as e:  # recorded and asserted on by the caller
@@ -130,7 +131,7 @@ def test_long_overlapping_generations_match_alone_in_full_batches(controlled):
     expected = alone(controlled, requests)
     assert len({len(t) for t in expected}) > 4     # sequences leave at many different steps
     with Scheduler(controlled, max_batch_size=6, max_wait_ms=3, max_queue_size=64) as scheduler:
-        got = run_concurrently(scheduler, requests, stagger_s=0.01)
+        got = run_concurrently(scheduler, requests, stagger_s=0.01, together=6)   # the first batch is full
         hist = scheduler.stats()["scheduler"]["histograms"]["decode_batch"]
     assert got == expected
     assert max(hist) == 6 and len(hist) > 3        # full batches, and joins/leaves in between
