@@ -12,25 +12,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
 
 def step(title: str) -> None:
     print(f"\n=== {title}", flush=True)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def best_local_target() -> tuple[str, str]:
@@ -67,9 +55,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
 
-    import numpy as np
-
     import edgevl
+    from edgevl.benchmarks.machine import machine_info
+    from edgevl.benchmarks.stats import summarize
     from edgevl.data.tasks import scene_qas
     from edgevl.data.world import make_scene
     from edgevl.evaluate import evaluate
@@ -90,31 +78,29 @@ def main(argv=None) -> int:
     step("3. camera-stream pipeline over a sample video (INT8 bundle), answers as they come")
     stream = stream_demo(int8.path, out / "stream", scenes=args.stream_scenes, backend=target)
 
-    step(f"4. benchmark and accuracy summary ({cpu_name()}, {os.cpu_count()} cores)")
+    machine = machine_info()
+    step(f"4. benchmark and accuracy summary ({machine['cpu']}, {machine['usable_cores']} cores)")
     model, tokenizer = load_checkpoint("edgevl-tiny")
     torch_answerer = TorchAnswerer(model, tokenizer)
     questions = []
     for i in range(4):
         scene = make_scene("test", 1000 + i)
         questions += [(scene.image(), qa.question) for qa in scene_qas(scene)]
-    rows = [("pytorch eager fp32", lambda img, q: torch_answerer([img], [q])[0], torch_answerer, None)]
+    rows = [("pytorch eager fp32", lambda img, q: torch_answerer([img], [q])[0], torch_answerer)]
     runtimes = []
     for name, bundle in (("fp32", fp32), ("int8", int8)):
         vlm = edgevl.load(bundle.path, backend=target, verbose=False)
         runtimes.append(vlm)
-        rows.append((f"{target} {name}", lambda img, q, v=vlm: v.generate(img, q, channels="rgb").text, vlm.answer, vlm))
+        rows.append((f"{target} {name}", lambda img, q, v=vlm: v.generate(img, q, channels="rgb").text, vlm.answer))
     print(f"   {'variant':<22} {'ms/question p50':>15} {'(p10-p90)':>14} {'speed-up':>9} {'accuracy':>9}  by task")
     base = None
-    summary = {}
-    for name, one, answerer, _ in rows:
-        ms = time_questions(one, questions, repeats=3)
-        p50 = statistics.median(ms)
-        base = base or p50
+    for name, one, answerer in rows:
+        ms = summarize(time_questions(one, questions, repeats=3))
+        base = base or ms.p50
         res = evaluate(answerer, n=args.scenes)
-        p10, p90 = np.percentile(ms, [10, 90])
         by_task = " ".join(f"{k}={v:.2f}" for k, v in res["by_task"].items())
-        print(f"   {name:<22} {p50:>15.1f} {f'({p10:.0f}-{p90:.0f})':>14} {base / p50:>8.2f}x {res['accuracy']:>9.3f}  {by_task}")
-        summary[name] = {"ms_p50": p50, "accuracy": res["accuracy"]}
+        print(f"   {name:<22} {ms.p50:>15.1f} {f'({ms.p10:.0f}-{ms.p90:.0f})':>14} {base / ms.p50:>8.2f}x "
+              f"{res['accuracy']:>9.3f}  {by_task}")
     for vlm in runtimes:
         vlm.close()
     score = stream["score"]
