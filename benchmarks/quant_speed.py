@@ -8,6 +8,10 @@
     nice -n 19 python benchmarks/quant_speed.py --model smolvlm-256m-shaped --threads 2 \
         --cache ~/.cache/edgevl-bench --json-out benchmarks/results/quant_speed.json
 
+``--bundle 'BACKEND PRECISION=DIR'`` reuses a bundle built elsewhere (edgevl bench's cache), and
+``--samples``/``--method`` set the static INT8 calibration (speed does not depend on the method;
+accuracy is benchmarks/quant_accuracy.py's job); ``--prepare-only`` builds and stops.
+
 Targets (issue 5): OpenVINO INT8 vision >= 3.5x, ONNX Runtime INT8 vision >= 2.3x, ORT INT8-wo
 decode >= 4x, INT4-wo >= 1.3x INT8-wo. Variants run interleaved round by round with a pause
 between them (ONNX Runtime's spinning threads slow whatever runs next, MEASURED.md item 2);
@@ -31,22 +35,39 @@ TARGETS = {"vision openvino int8": 3.5, "vision onnxruntime int8": 2.3, "decode 
 PAUSE_S = 0.1
 
 
-def bundles(model, cache: Path, variants, log) -> dict:
+def bundles(model, cache: Path, variants, log, samples: int = 64, method: str = "percentile",
+            given: dict | None = None) -> dict:
     from edgevl.benchmarks.bundles import cache_key, cached_bundle
     from edgevl.benchmarks.models import checkpoint_hash
+    from edgevl.bundle import load_bundle
     from edgevl.exporters.build import build_bundle
 
     out = {}
     content = checkpoint_hash(model.checkpoint)
     for backend, precision in sorted(set(variants)):
-        key = cache_key(content, backend, precision, tool="quant_speed-v2")   # v2: uint8 ORT activations
+        if given and (backend, precision) in given:      # a bundle built elsewhere (e.g. edgevl bench's cache)
+            path = given[(backend, precision)]
+            manifest = load_bundle(path).manifest
+            if manifest.get("precision") != precision or manifest.get("target", backend) != backend:
+                raise SystemExit(f"--bundle {backend} {precision}={path}: that bundle is "
+                                 f"{manifest.get('target')} {manifest.get('precision')}")
+            out[(backend, precision)] = path
+            log(f"bundle {backend} {precision}: {path} (given)")
+            continue
+        base, _, block = precision.partition("/b")          # "int4-wo/b128": weight-only blocks of 128
+        options = dict(samples=samples, method=method) if base == "int8" else {}
+        tag = f"-{method}-{samples}" if base == "int8" else ""
+        if block:
+            options["block_size"] = int(block)
+        key = cache_key(content, backend, precision + tag, tool="quant_speed-v2")   # v2: uint8 ORT activations
 
-        def build(path, backend=backend, precision=precision):
+        def build(path, backend=backend, base=base, options=options):
             # budgets need tasks (edgevl-tiny); random-weight models report parity only
-            return build_bundle(str(model.checkpoint), backend, precision, path, force=True, eval_scenes=2,
-                                accept_loss=True, log=log, progress=False).path
+            return build_bundle(str(model.checkpoint), backend, base, path, force=True, eval_scenes=2,
+                                accept_loss=True, log=log, progress=False, **options).path
 
-        out[(backend, precision)], reused = cached_bundle(cache, f"{model.name}-{backend}-{precision}", key, build)
+        name = f"{model.name}-{backend}-{precision.replace('/', '-')}"
+        out[(backend, precision)], reused = cached_bundle(cache, name, key, build)
         log(f"bundle {backend} {precision}: {out[(backend, precision)]}{' (cached)' if reused else ''}")
     return out
 
@@ -81,8 +102,24 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--position", type=int, default=128, help="KV cache length decode starts at (prompt)")
     parser.add_argument("--decode-steps", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=64, help="calibration samples for the static INT8 builds")
+    parser.add_argument("--method", default="percentile", choices=["minmax", "entropy", "percentile"],
+                        help="calibration method (speed does not depend on it; accuracy is quant_accuracy.py's job)")
+    parser.add_argument("--bundle", action="append", default=[], metavar="'BACKEND PRECISION=DIR'",
+                        help="use this bundle for a variant instead of building it, e.g. "
+                             "--bundle 'onnxruntime fp32=~/.cache/edgevl/bench/bundles/...' (repeatable)")
+    parser.add_argument("--extra-block-size", type=int, action="append", default=[],
+                        help="also measure ONNX Runtime int8-wo/int4-wo built with this block size (default "
+                             "builds use 32), e.g. --extra-block-size 128; named 'int4-wo/b128'")
+    parser.add_argument("--prepare-only", action="store_true", help="build (or reuse) the bundles, measure nothing")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
+    given = {}
+    for item in args.bundle:
+        variant, _, path = item.partition("=")
+        if len(variant.split()) != 2 or not path:
+            parser.error(f"--bundle {item!r}: expected 'BACKEND PRECISION=DIR'")
+        given[tuple(variant.split())] = Path(path).expanduser()
 
     from edgevl.benchmarks.machine import machine_info
     from edgevl.benchmarks.models import resolve_model
@@ -96,12 +133,16 @@ def main(argv=None) -> dict:
     model = resolve_model(args.model, args.cache)
     vision_variants = [v for v in VISION if is_installed(v[0])]
     decode_variants = [v for v in DECODE if is_installed(v[0])]
-    paths = bundles(model, args.cache, vision_variants + decode_variants, log)
+    for block in args.extra_block_size:        # ONNX Runtime weight-only with another block size
+        decode_variants += [("onnxruntime", f"int8-wo/b{block}"), ("onnxruntime", f"int4-wo/b{block}")]
+    paths = bundles(model, args.cache, vision_variants + decode_variants, log, args.samples, args.method, given)
+    if args.prepare_only:
+        return {"bundles": {f"{b} {p}": str(path) for (b, p), path in paths.items()}}
     reference = torch_subject(model, args.threads)
     reference.load()
     subjects = {"pytorch fp32": reference}
     for backend, precision in sorted(set(vision_variants + decode_variants)):
-        s = EdgeVLSubject(paths[(backend, precision)], backend, precision, args.threads)
+        s = EdgeVLSubject(paths[(backend, precision)], backend, precision.partition("/b")[0], args.threads)
         s.load()
         subjects[f"{backend} {precision}"] = s
     images = scene_images(1)
@@ -120,14 +161,18 @@ def main(argv=None) -> dict:
     ratios = {f"vision {n}": vision["pytorch fp32"] / v for n, v in vision.items() if n != "pytorch fp32"}
     ratios.update({f"decode {n}": t / tok_s["pytorch fp32"] for n, t in tok_s.items() if n != "pytorch fp32"})
     for backend in ("onnxruntime", "openvino"):
-        if f"{backend} int4-wo" in tok_s and f"{backend} int8-wo" in tok_s:
-            ratios[f"decode {backend} int4-wo vs int8-wo"] = tok_s[f"{backend} int4-wo"] / tok_s[f"{backend} int8-wo"]
+        for suffix in [""] + [f"/b{b}" for b in args.extra_block_size]:
+            four, eight = f"{backend} int4-wo{suffix}", f"{backend} int8-wo{suffix}"
+            if four in tok_s and eight in tok_s:
+                ratios[f"decode {four} vs {eight.split()[1]}"] = tok_s[four] / tok_s[eight]
     targets = dict(TARGETS, **{"decode onnxruntime int4-wo vs int8-wo": 1.3})
     verdict = {k: {"target": t, "measured": round(ratios[k], 2), "met": ratios[k] >= t} for k, t in targets.items()
                if k in ratios}
     for s in subjects.values():
         s.close()
     result = {"model": model.to_dict(), "threads": args.threads, "rounds": args.rounds, "position": args.position,
+              "calibration": {"samples": args.samples, "method": args.method},
+              "bundles": {f"{b} {p}": str(path) for (b, p), path in paths.items()},
               "decode_steps": args.decode_steps, "vision_ms": vision, "decode_tok_s": tok_s, "ratios": ratios,
               "targets": verdict, "machine": machine_info()}
     for name, ms in vision.items():

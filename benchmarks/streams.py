@@ -90,7 +90,12 @@ def run_case(bundle: Path, cameras: list[Path], batching: bool, args) -> dict:
     from edgevl.pipelines import CallbackSink, VideoFileSource, run_stream
     from edgevl.pipelines.sample import load_sample, frame_image
 
-    vlm = edgevl.load(bundle, backend=args.backend, threads=args.threads, batching=batching,
+    from edgevl.benchmarks.batching import parse_options
+
+    from edgevl.pipelines.stream import default_threads
+
+    vlm = edgevl.load(bundle, backend=args.backend, threads=args.threads or default_threads(), batching=batching,
+                      options=parse_options(args.option),
                       max_batch_size=args.max_batch, max_wait_ms=args.max_wait_ms, verbose=False)
     try:
         warm = frame_image(load_sample(cameras[0]).scenes[0], 256)
@@ -135,7 +140,8 @@ def markdown(doc: dict) -> str:
     lines = [f"# Camera streams: edgevl-tiny {doc['bundle']['precision'].upper()}", "",
              f"{m.get('cpu')} ({m.get('usable_cores')} cores; flags {', '.join(m.get('flags', []))}), "
              f"{doc['runs'][0]['backend'] if doc['runs'] else '?'}; prompt {doc['settings']['prompt']!r}; "
-             f"cameras at {doc['settings']['source_fps']:g} fps each; {doc['settings']['seconds']:g} s timed "
+             f"cameras at {doc['settings']['source_fps']:g} fps each; {doc['settings']['threads']} thread(s) per model "
+             f"part; image batcher wait {doc['settings']['max_wait_ms']:g} ms; {doc['settings']['seconds']:g} s timed "
              f"after {doc['settings']['warmup']:g} s warm-up; bundle: {doc['bundle']['how']}.", "",
              "| sources | batching | answers/s (total) | per source | latency p50 ms | latency p99 ms | CPU ms/answer | note |",
              "|---:|:---|---:|:---|---:|---:|---:|:---|"]
@@ -164,14 +170,16 @@ def main(argv=None) -> int:
     p.add_argument("--bundle", default=None, help="an existing bundle (default: build edgevl-tiny INT8, else FP32)")
     p.add_argument("--precision", choices=("auto", "int8", "fp32"), default="auto")
     p.add_argument("--backend", default="onnxruntime")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="per model part (default: the pipeline's, half the cores)")
     p.add_argument("--sources", type=int, default=4, help="the multi-camera case (default 4)")
-    p.add_argument("--source-fps", type=float, default=60.0, help="each camera's frame rate (default 60)")
+    p.add_argument("--source-fps", type=float, default=120.0,
+                   help="each camera's frame rate (default 120: above what one camera gets answered here)")
     p.add_argument("--seconds", type=float, default=20.0, help="timed window per run (default 20)")
     p.add_argument("--warmup", type=float, default=3.0, help="untimed seconds at the start of each run")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--max-wait-ms", type=float, default=0.0, help="image batcher wait (default: the pipeline's, 0)")
+    p.add_argument("--option", action="append", help="runner option key=value (e.g. spinning=0)")
     p.add_argument("--no-reference", action="store_true", help="skip the N-sources-without-batching run")
     p.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "edgevl-bench-streams"))
     p.add_argument("--rebuild", action="store_true")
@@ -180,6 +188,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from edgevl.benchmarks.machine import machine_info
+    from edgevl.pipelines.stream import default_threads
+
+    args.threads = args.threads or default_threads()
 
     def log(msg):
         print(f"[streams] {msg}", file=sys.stderr, flush=True)
@@ -211,7 +222,7 @@ def main(argv=None) -> int:
         "benchmark": "streams", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(),
         "bundle": {"model": "edgevl-tiny", "precision": precision, "path": str(bundle), "how": how},
         "settings": {k: getattr(args, k) for k in ("backend", "threads", "sources", "source_fps", "seconds",
-                                                   "warmup", "prompt", "max_batch", "max_wait_ms")},
+                                                   "warmup", "prompt", "max_batch", "max_wait_ms", "option")},
         "runs": runs,
         "verdict": {"sources": args.sources, "ratio": round(ratio, 3) if ratio else None,
                     "target": TARGET_RATIO, "met": bool(ratio and ratio >= TARGET_RATIO),

@@ -1,6 +1,6 @@
 """A bundle on one backend, driven through edgevl's runtime (edgevl.load, Engine, KVCache).
 
-The generation loop is the runtime's own steps (``Engine.merge``, the decoder runner with the
+The generation loop is the runtime's own steps (``Engine.merge``, ``Engine.prefill_rows`` into the
 preallocated cache, ``Engine.decode``) with argmax in place of the sampler and no stop token,
 so every subject decodes exactly the same number of tokens.
 """
@@ -37,14 +37,6 @@ class EdgeVLSubject(Subject):
     def encode(self, pixels):
         return self.engine.encode_images(pixels)
 
-    def _prefill_rows(self, cache, embeds: np.ndarray) -> np.ndarray:
-        """Prefill ``batch`` rows of the same prompt at once (Engine.prefill does one slot)."""
-        rows = slice(0, embeds.shape[0])
-        cache.ensure(embeds.shape[1])
-        out = self.engine.runners["decoder"].infer({"inputs_embeds": embeds, **cache.feeds(rows)})
-        cache.write(out, rows)
-        return out["logits"]
-
     def generate(self, images, prompt, new_tokens):
         engine, batch = self.engine, len(images)
         t0 = time.perf_counter()
@@ -54,7 +46,7 @@ class EdgeVLSubject(Subject):
         image_embeds = engine.encode_images(pixels)
         embeds = np.concatenate([engine.merge(ids, image_embeds[b:b + 1]) for b in range(batch)])
         cache = engine.new_cache(slots=batch, capacity=len(ids) + new_tokens)
-        tokens = self._prefill_rows(cache, embeds).argmax(-1)
+        tokens = engine.prefill_rows(cache, 0, embeds).argmax(-1)
         t1 = time.perf_counter()
         for _ in range(new_tokens - 1):
             tokens = engine.decode(cache, batch, tokens).argmax(-1)

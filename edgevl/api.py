@@ -123,7 +123,7 @@ class VLM:
         tokens = list(self._token_stream(images, prompt, channels, timings, max_new_tokens=max_new_tokens,
                                          temperature=temperature, top_k=top_k, top_p=top_p,
                                          repetition_penalty=repetition_penalty, seed=seed,
-                                         stop_token_ids=stop_token_ids, deadline_s=deadline_s))
+                                         stop_token_ids=stop_token_ids, deadline_s=deadline_s, streaming=False))
         steps = timings.pop("decode_steps", [])
         timings["decode_total"] = float(sum(steps))
         timings["decode_per_token"] = float(np.mean(steps)) if steps else 0.0
@@ -133,7 +133,8 @@ class VLM:
         timings = {k: round(v, 3) for k, v in timings.items()}
         return GenerationResult(self.engine.decode_tokens(tokens), tokens, timings, prompt_tokens, finish)
 
-    def _token_stream(self, images, prompt, channels, timings, deadline_s=None, **sampling) -> Iterator[int]:
+    def _token_stream(self, images, prompt, channels, timings, deadline_s=None, streaming=True,
+                      **sampling) -> Iterator[int]:
         params = self._params(**sampling)
         if deadline_s is not None and self.scheduler is None:
             raise ValueError("deadline_s needs batching=True (the scheduler enforces deadlines); "
@@ -145,7 +146,17 @@ class VLM:
         ids = self.engine.encode_prompt(prompt, n_images=len(images_list))
         timings["prompt_tokens"] = len(ids)
         if self.scheduler is not None:
-            yield from self.scheduler.stream(ids, pixels, params, timings, deadline_s=deadline_s)
+            if streaming:
+                yield from self.scheduler.stream(ids, pixels, params, timings, deadline_s=deadline_s)
+                return
+            # the whole answer at once: no hand-off between threads per token
+            future = self.scheduler.submit(ids, pixels, params, timings, deadline_s=deadline_s)
+            try:
+                tokens = future.result()
+            except BaseException:
+                future.cancel()           # e.g. Ctrl-C while waiting: free its slot
+                raise
+            yield from tokens
             return
         with self._lock:
             t = time.perf_counter()

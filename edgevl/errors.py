@@ -44,6 +44,10 @@ class BackendUnavailable(EdgeVLError):
     """A backend (runtime library or device) that is not installed or not usable here."""
 
 
+class BackendError(EdgeVLError):
+    """A backend that ran a part but returned an impossible result (e.g. an empty output)."""
+
+
 class CompileError(EdgeVLError):
     """A bundle part that a target compiler (TensorRT, OpenVINO, ...) could not build."""
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgevl.bundle import Bundle
-from edgevl.errors import InputError
+from edgevl.errors import BackendError, InputError
 from edgevl.prompting import render_prompt
 from edgevl.runtimes.kv_cache import KVCache
 from edgevl.runtimes.registry import get_runner_class
@@ -57,7 +57,15 @@ class Engine:
             r.close()
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
-        return self.runners["vision"].infer({"pixel_values": pixels})["image_embeds"]
+        embeds = self.runners["vision"].infer({"pixel_values": pixels})["image_embeds"]
+        expected = (pixels.shape[0], int(self.prompt_spec["image_seq_len"]))
+        if embeds.ndim != 3 or embeds.shape[:2] != expected:
+            # seen: OpenVINO on an emulated Cortex-A57 returned (1, 0, D) for a Q/DQ INT8 encoder
+            raise BackendError(
+                f"{self.backend}: the vision part returned image_embeds of shape {tuple(embeds.shape)} for "
+                f"{expected[0]} image(s); expected ({expected[0]}, {expected[1]}, D). The backend computed a "
+                f"wrong result on this machine: try another backend (e.g. backend='onnxruntime') or an fp32 bundle")
+        return embeds
 
     def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
         return self.runners["embed"].infer({"input_ids": ids})["inputs_embeds"]
@@ -103,11 +111,17 @@ class Engine:
 
     def prefill(self, cache: KVCache, slot: int, embeds: np.ndarray) -> np.ndarray:
         """Run a whole prompt (1, T, D) into ``slot`` (which must be empty); -> logits (V,)."""
-        rows = slice(slot, slot + 1)
-        cache.ensure(int(cache.length[slot]) + embeds.shape[1])
+        return self.prefill_rows(cache, slot, embeds)[0]
+
+    def prefill_rows(self, cache: KVCache, first: int, embeds: np.ndarray) -> np.ndarray:
+        """Run ``k`` prompts of the same length (k, T, D) at once into the empty slots
+        ``first .. first+k-1``; -> logits (k, V). One call instead of k: the scheduler uses it
+        for requests admitted together (cameras asking the same question)."""
+        rows = slice(first, first + embeds.shape[0])
+        cache.ensure(int(cache.length[rows].max()) + embeds.shape[1])
         out = self.runners["decoder"].infer({"inputs_embeds": embeds, **cache.feeds(rows)})
         cache.write(out, rows)
-        return out["logits"][0]
+        return out["logits"]
 
     def decode(self, cache: KVCache, n: int, tokens: np.ndarray) -> np.ndarray:
         """One token for each of the first ``n`` slots; -> logits (n, V)."""

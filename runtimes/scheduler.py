@@ -13,7 +13,8 @@ active slot is moved into the hole). One thread owns the decoder and the cache. 
 
 1. drop waiting/active requests that were cancelled or ran past their deadline;
 2. admit ready waiting requests into free slots, FIFO: merge text and image embeddings and
-   prefill each into its slot, then choose its first token;
+   prefill them into their slots (prompts of the same length in one call), then choose each
+   one's first token;
 3. run ONE ``engine.decode`` over slots ``[:n]``: every row at its own position (``past_len``
    per row), and choose each row's next token with its own sampler and seed.
 
@@ -225,8 +226,7 @@ class Scheduler:
                 self._drop_active()
                 if stop:
                     return
-                for seq in admit:
-                    self._admit(seq)
+                self._admit(admit)
                 self._drop_active()              # some finish at their first token
                 if self._active:
                     self._step()
@@ -290,27 +290,54 @@ class Scheduler:
                                 f"while {where} ({len(seq.tokens)} tokens generated); give it a longer deadline, "
                                 "fewer max_new_tokens, or add capacity")
 
-    def _admit(self, seq: Sequence) -> None:
-        if not seq.future.set_running_or_notify_cancel():
-            self._finish(seq, error=RequestCancelled("cancelled while waiting"))
-            return
-        start = time.monotonic()
-        seq.timings["queue"] = (start - seq.submitted) * 1e3
-        self.metrics.observe_ms("queue_wait", seq.timings["queue"])
-        slot = len(self._active)
+    def _admit(self, admit: list[Sequence]) -> None:
+        """Prefill newly admitted requests into the next free slots. Prompts of the same length
+        (the same question about a new frame from each camera) share one prefill call."""
+        ready: dict[int, list[Sequence]] = {}       # prompt length -> requests, FIFO
+        for seq in admit:
+            if not seq.future.set_running_or_notify_cancel():
+                self._finish(seq, error=RequestCancelled("cancelled while waiting"))
+                continue
+            seq.admitted = time.monotonic()
+            seq.timings["queue"] = (seq.admitted - seq.submitted) * 1e3
+            self.metrics.observe_ms("queue_wait", seq.timings["queue"])
+            try:
+                embeds = None if seq.vision_future is None else seq.vision_future.result()
+                seq.prompt_embeds = self.engine.merge(seq.ids, embeds)
+            except Exception as e:  # only this request's prompt failed
+                self._prefill_failed(seq, e)
+                continue
+            ready.setdefault(seq.prompt_embeds.shape[1], []).append(seq)
+        for group in ready.values():
+            self._prefill(group)
+
+    def _prefill(self, group: list[Sequence]) -> None:
+        first = len(self._active)
         try:
-            embeds = None if seq.vision_future is None else seq.vision_future.result()
-            logits = self.engine.prefill(self.cache, slot, self.engine.merge(seq.ids, embeds))
-        except Exception as e:  # only this request's prompt failed
-            self.cache.reset(slot)
-            self.metrics.record_error("prefill", e, 1)
-            self._finish(seq, error=e)
+            logits = self.engine.prefill_rows(self.cache, first, np.concatenate([s.prompt_embeds for s in group]))
+        except Exception as e:
+            for row in range(first, first + len(group)):
+                self.cache.reset(row)
+            if len(group) > 1:              # find the request at fault: each alone
+                for seq in group:
+                    self._prefill([seq])
+            else:
+                self._prefill_failed(group[0], e)
             return
-        seq.timings["prefill"] = (time.monotonic() - start) * 1e3
-        self.metrics.observe_ms("prefill", seq.timings["prefill"])
-        self._active.append(seq)
+        now = time.monotonic()
+        for seq, row_logits in zip(group, logits):
+            seq.prompt_embeds = None
+            seq.timings["prefill"] = (now - seq.admitted) * 1e3
+            self.metrics.observe_ms("prefill", seq.timings["prefill"])
+            self._active.append(seq)
+            self._advance(seq, row_logits)
+        self.metrics.observe_size("prefill_batch", len(group))
         self.metrics.gauge("active", len(self._active))
-        self._advance(seq, logits)
+
+    def _prefill_failed(self, seq: Sequence, error: Exception) -> None:
+        seq.prompt_embeds = None
+        self.metrics.record_error("prefill", error, 1)
+        self._finish(seq, error=error)
 
     def _step(self) -> None:
         n = len(self._active)

@@ -27,6 +27,8 @@ class Sequence:
     leaving: bool = False                    # finished, failed or cancelled: free its slot
     error: BaseException | None = None
     finished: bool = False                   # its future has been resolved (or was cancelled)
+    admitted: float = 0.0                    # time.monotonic() when it left the waiting queue
+    prompt_embeds: np.ndarray | None = None  # (1, T, D) merged prompt, held only until its prefill
 
     def __post_init__(self):
         # its own generator, seeded per request: batching must not change what a seed samples

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import edgevl
-from edgevl.errors import BackendUnavailable, BundleError, InputError
+from edgevl.errors import BackendError, BackendUnavailable, BundleError, InputError
 from edgevl.runtimes.registry import get_runner_class
 
 from conftest import BACKENDS, HAS_OPENVINO, HAS_TENSORRT
@@ -112,6 +112,19 @@ def test_undecodable_image_names_the_file(tiny_bundle, tmp_path):
     vlm = edgevl.load(tiny_bundle, backend="onnxruntime", verbose=False)
     with pytest.raises(InputError, match="camera.jpg cannot be decoded"):
         vlm.generate(str(bad), "describe the image.")
+
+
+def test_a_backend_returning_no_image_embeddings_is_named(tiny_bundle, monkeypatch):
+    # OpenVINO on an emulated Cortex-A57 returned (1, 0, D) for a Q/DQ INT8 encoder (section 11)
+    vlm = edgevl.load(tiny_bundle, backend="onnxruntime", verbose=False)
+    runner = vlm.engine.runners["vision"]
+    real = runner.infer
+    monkeypatch.setattr(runner, "infer", lambda feeds, **kw: {"image_embeds": real(feeds)["image_embeds"][:, :0]})
+    from edgevl.data.world import make_scene
+
+    with pytest.raises(BackendError, match=r"onnxruntime: the vision part returned image_embeds of shape "
+                                           r"\(1, 0, \d+\) for 1 image\(s\); expected \(1, 16, D\).*another backend"):
+        vlm.generate(make_scene("test", 0).image(), "describe the image.", channels="rgb")
 
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="tensorrt is installed here, so it cannot be missing")

@@ -21,12 +21,14 @@ from edgevl.runtimes.scheduler import Scheduler
 class ControlledEngine(Engine):
     """The real engine plus test controls: ``no_eos`` masks the stop tokens so sequences run to
     max_new_tokens (long, overlapping generations), ``step_delay_s`` slows decode steps, and
-    ``fail_on_call`` makes the N-th decode call raise."""
+    ``fail_on_call`` makes the N-th decode call raise, ``refuse_nan_prompts`` makes a prefill
+    whose prompts hold NaN raise (as a backend that checks its inputs would)."""
 
     no_eos = False
     step_delay_s = 0.0
     fail_on_call: int | None = None
     decode_calls = 0
+    refuse_nan_prompts = False
 
     def _mask(self, logits):
         if self.no_eos:
@@ -34,8 +36,10 @@ class ControlledEngine(Engine):
             logits[..., list(self.eos_ids)] = -1e30
         return logits
 
-    def prefill(self, cache, slot, embeds):
-        return self._mask(super().prefill(cache, slot, embeds))
+    def prefill_rows(self, cache, first, embeds):
+        if self.refuse_nan_prompts and np.isnan(embeds).any():
+            raise ValueError("prompt embeddings hold NaN (injected check)")
+        return self._mask(super().prefill_rows(cache, first, embeds))
 
     def decode(self, cache, n, tokens):
         self.decode_calls += 1
@@ -60,6 +64,7 @@ def controlled(engine):
     """The module's engine with its controls reset after the test."""
     yield engine
     engine.no_eos, engine.step_delay_s, engine.fail_on_call, engine.decode_calls = False, 0.0, None, 0
+    engine.refuse_nan_prompts = False
 
 
 def scene_requests(engine, n: int, seed: int = 0):
@@ -135,6 +140,41 @@ def test_long_overlapping_generations_match_alone_in_full_batches(controlled):
         hist = scheduler.stats()["scheduler"]["histograms"]["decode_batch"]
     assert got == expected
     assert max(hist) == 6 and len(hist) > 3        # full batches, and joins/leaves in between
+
+
+def same_question_requests(engine, n: int, seed: int = 7):
+    """The same question about n different scenes (what n cameras ask): one prompt length."""
+    from edgevl.data.tasks import scene_qas
+    from edgevl.data.world import make_scene, render
+    from edgevl.preprocess import preprocess
+
+    ids = engine.encode_prompt(scene_qas(make_scene("test", seed * 100))[0].question)
+    scenes = [make_scene("test", seed * 100 + i) for i in range(n)]
+    return [(ids, preprocess(render(s), engine.preprocess_spec, "rgb"), SamplingParams(max_new_tokens=12)) for s in scenes]
+
+
+def test_requests_admitted_together_share_one_prefill_and_keep_their_tokens(controlled):
+    requests = same_question_requests(controlled, 6)
+    expected = alone(controlled, requests)
+    with Scheduler(controlled, max_batch_size=6, max_wait_ms=50) as scheduler:
+        got = run_concurrently(scheduler, requests, together=6)
+        hist = scheduler.stats()["scheduler"]["histograms"]["prefill_batch"]
+    assert got == expected
+    assert max(hist) > 1 and sum(size * n for size, n in hist.items()) == 6   # shared prefills, each request once
+
+
+def test_a_bad_prompt_in_a_shared_prefill_fails_alone(controlled):
+    controlled.refuse_nan_prompts = True
+    requests = same_question_requests(controlled, 4, seed=8)
+    expected = alone(controlled, requests)
+    bad_pixels = np.full_like(requests[2][1], np.nan)
+    requests[2] = (requests[2][0], bad_pixels, requests[2][2])
+    with Scheduler(controlled, max_batch_size=4, max_wait_ms=50) as scheduler:
+        got = run_concurrently(scheduler, requests, together=4)
+        stats = scheduler.stats()["scheduler"]
+    assert isinstance(got[2], ValueError) and "NaN" in str(got[2])
+    assert [got[i] for i in (0, 1, 3)] == [expected[i] for i in (0, 1, 3)]
+    assert stats["counters"]["completed"] == 3 and stats["counters"]["failed"] == 1
 
 
 def test_stream_yields_tokens_as_they_come_and_fills_timings(controlled):

@@ -268,6 +268,15 @@ cpuinfo_file() {
 }
 
 # -- 4. the emulated runs -----------------------------------------------------------------------
+run_profile() {  # run_profile PROFILE QEMU_CPU CPUINFO_FILE: one emulated check, its time and exit code
+    local profile=$1 cpu=$2 cpuinfo=$3 tp=$(date +%s) rc=0
+    rm -f "$WORK/arm64-$profile.run.json"
+    in_rootfs "$cpu" "$cpuinfo" /opt/edgevl-venv/bin/python /edgevl/src/tools/arm64_check.py \
+        check --reference /edgevl/x86 --out "/edgevl/arm64-$profile" --profile "$profile" \
+        --qemu-cpu "$cpu" --threads "$EMU_THREADS" || rc=$?
+    echo "{\"wall_s\": $(elapsed $tp), \"exit_code\": $rc}" >"$WORK/arm64-$profile.run.json"
+}
+
 main() {
     preflight
     mkdir -p "$CACHE" "$WORK"
@@ -286,17 +295,27 @@ main() {
     install_edgevl
     SETUP_S=$(elapsed $t)
     x86_reference
-    local status=0 reports=()
-    for profile in ${PROFILES//,/ }; do
+    local status=0 reports=() profiles=(${PROFILES//,/ }) pids=()
+    # Each emulated run is single-threaded (EMU_THREADS), so with enough cores the profiles run
+    # side by side, each logging to its own file (printed when it ends).
+    local parallel=0
+    [ "${#profiles[@]}" -gt 1 ] && [ $(( ${#profiles[@]} * EMU_THREADS )) -le "$(nproc)" ] && parallel=1
+    for profile in "${profiles[@]}"; do
         cpuinfo_file "$profile"
-        local tp=$(date +%s) rc=0
-        say "emulated run: profile $profile (QEMU_CPU=$QEMU_CPU_NAME), $SCENES scenes"
-        in_rootfs "$QEMU_CPU_NAME" "$CPUINFO" /opt/edgevl-venv/bin/python /edgevl/src/tools/arm64_check.py \
-            check --reference /edgevl/x86 --out "/edgevl/arm64-$profile" --profile "$profile" \
-            --qemu-cpu "$QEMU_CPU_NAME" --threads "$EMU_THREADS" || rc=$?
-        echo "{\"wall_s\": $(elapsed $tp), \"exit_code\": $rc}" >"$WORK/arm64-$profile.run.json"
-        [ $rc = 0 ] || { say "profile $profile: check failed (exit $rc)"; status=1; }
+        say "emulated run: profile $profile (QEMU_CPU=$QEMU_CPU_NAME), $SCENES scenes$([ $parallel = 1 ] && echo ', in parallel with the other profiles')"
+        if [ $parallel = 1 ]; then
+            run_profile "$profile" "$QEMU_CPU_NAME" "$CPUINFO" >"$WORK/arm64-$profile.log" 2>&1 &
+            pids+=($!)
+        else
+            run_profile "$profile" "$QEMU_CPU_NAME" "$CPUINFO"
+        fi
         reports+=(--arm "$WORK/arm64-$profile")
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || true; done
+    for profile in "${profiles[@]}"; do
+        [ $parallel = 1 ] && { echo "arm64: --- output of profile $profile ---"; cat "$WORK/arm64-$profile.log"; }
+        local rc; rc=$(sed -n 's/.*"exit_code": \([0-9]*\).*/\1/p' "$WORK/arm64-$profile.run.json" 2>/dev/null)
+        [ "${rc:-1}" = 0 ] || { say "profile $profile: check failed (exit ${rc:-unknown})"; status=1; }
     done
     cpu_s_file "$WORK/cpu_s"
     "$PY" tools/arm64_check.py report --x86 "$WORK/x86" "${reports[@]}" --out "$RESULTS" \

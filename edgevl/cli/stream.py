@@ -27,14 +27,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics", default=None, metavar="PATH", help="write the end-of-run metrics and health as JSON")
     p.add_argument("--window", action="store_true", help="show each source in a window (needs a display)")
     p.add_argument("--backend", default=None, help="onnxruntime, openvino or tensorrt (default: best installed)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads per model part (default: half the cores; capture and preprocessing use the rest)")
     batching = p.add_mutually_exclusive_group()
     batching.add_argument("--batching", dest="batching", action="store_true", default=None,
                           help="batch frames of several sources (default: on with several sources)")
     batching.add_argument("--no-batching", dest="batching", action="store_false")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch across sources (default 8)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0,
-                   help="how long the batcher waits to fill a batch (default 5 ms)")
+    p.add_argument("--max-wait-ms", type=float, default=0.0,
+                   help="how long the image batcher waits to fill a batch (default 0: it takes the frames that "
+                        "are waiting; the decoder, not vision, is what fuller batches pay off on)")
     p.add_argument("--no-drop", action="store_true",
                    help="files and folders: read no faster than the model answers, so no selected frame is "
                         "dropped (offline processing); default: played at their frame rate, like a camera")
