@@ -4,7 +4,7 @@
 #   tools/arm64_check.sh [--scenes N] [--profiles a57,a76] [--fp32-bundle DIR] [--int8-bundle DIR]
 #                        [--results DIR] [--work DIR] [--backends onnxruntime,openvino] [--threads N]
 #                        [--emu-threads N]
-# Cost (measured on a shared 2-core Xeon): ~40 CPU s per scene per profile emulated (all four
+# Cost (measured on a shared 2-core Xeon): ~11 CPU s per scene per profile emulated (all four
 # bundle/backend runs), a rootfs from scratch ~6 CPU min (debootstrap), venv ~1 min.
 #
 # 1. x86 (natively): export edgevl-tiny to an FP32 bundle (and INT8 where the tree can build one),
