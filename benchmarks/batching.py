@@ -338,11 +338,17 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=float, default=1.0, help="untimed seconds per level")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false")
-    p.add_argument("--threads", type=int, default=None, help="backend threads per part")
+    p.add_argument("--threads", type=int, default=None,
+                   help="backend threads for every part (default: what edgevl.load(batching=True) uses, "
+                        "edgevl.api.batching_threads())")
     p.add_argument("--option", action="append", help="runner option key=value (e.g. spinning=0)")
     p.add_argument("--workloads", default="vision,generation")
     p.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
+    if args.threads is None:
+        from edgevl.api import batching_threads
+
+        args.threads = batching_threads()
 
     from edgevl.bundle import load_bundle
     from edgevl.runtimes.registry import is_installed

@@ -25,14 +25,16 @@ from edgevl.runtimes.registry import get_runner_class
 
 
 class Engine:
-    def __init__(self, bundle: Bundle, backend: str, threads: int | None = None,
+    def __init__(self, bundle: Bundle, backend: str, threads: int | dict | None = None,
                  device: str | None = None, options: dict | None = None):
         from tokenizers import Tokenizer
 
         self.bundle, self.backend = bundle, backend
         runner_cls = get_runner_class(backend)
+        # threads: one count for every part, or {part: count} (a part left out gets the backend's default)
+        per_part = threads if isinstance(threads, dict) else {name: threads for name in bundle.parts}
         self.runners = {
-            name: runner_cls(bundle.part_file(name, backend), precision=bundle.precision, threads=threads,
+            name: runner_cls(bundle.part_file(name, backend), precision=bundle.precision, threads=per_part.get(name),
                              device=device, options=options)
             for name in bundle.parts
         }

@@ -185,3 +185,17 @@ def test_cli_run_json(tiny_bundle, tmp_path):
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data["text"] and {"vision", "prefill", "total"} <= set(data["timings_ms"])
+
+
+def test_batching_gives_the_decoder_half_the_cores_and_threads_can_be_set_per_part(tiny_bundle):
+    from edgevl.api import half_the_cores
+    from edgevl.data.world import make_scene
+
+    with edgevl.load(tiny_bundle, backend="onnxruntime", batching=True, verbose=False) as vlm:
+        threads = {name: r.threads for name, r in vlm.engine.runners.items()}
+        assert threads == {"vision": None, "embed": half_the_cores(), "decoder": half_the_cores()}
+        assert vlm.generate(make_scene("test", 1).image(), "describe the image.", channels="rgb").text
+    with edgevl.load(tiny_bundle, backend="onnxruntime", threads={"vision": 1}, verbose=False) as vlm:
+        assert {name: r.threads for name, r in vlm.engine.runners.items()} == {"vision": 1, "embed": None,
+                                                                            "decoder": None}
+        assert vlm.engine.runners["vision"].session.get_session_options().intra_op_num_threads == 1

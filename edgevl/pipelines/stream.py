@@ -336,15 +336,13 @@ def run_stream(bundle_or_vlm, sources, prompt: str, *, fps: float | None = None,
 
 
 def default_threads() -> int:
-    """Threads per model part in a stream pipeline: half the cores. Capture, video decoding and
-    preprocessing need the rest, and with batching the image encoder and the decoder run at the
-    same time on two threads; full-width ONNX Runtime pools would oversubscribe the cores (their
-    threads spin). On 2 cores, 4 cameras: 1 thread per part gave 2.3x the answers/s of 2 threads
-    (benchmarks/results/streams)."""
-    import os
+    """Threads per model part in a stream pipeline: half the cores (``edgevl.api.half_the_cores``),
+    batching or not. Capture, video decoding and preprocessing need the rest; with full-width
+    ONNX Runtime pools, 4 cameras on 2 cores got 119 answers/s instead of 179, one camera 85
+    instead of 98 (benchmarks/results/streams)."""
+    from edgevl.api import half_the_cores
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    return max(1, cores // 2)
+    return half_the_cores()
 
 
 def _load(bundle, backend, threads, batching, n_sources, max_batch_size, max_wait_ms, verbose):
