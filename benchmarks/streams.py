@@ -48,18 +48,24 @@ def build_or_reuse_bundle(work: Path, precision: str, target: str, rebuild: bool
         if builder is None and precision == "int8":
             raise SystemExit("--precision int8 needs edgevl.exporters.build.build_bundle (the quantization issue); "
                              "use --precision fp32 or --bundle DIR")
+    from edgevl.benchmarks.models import checkpoint_hash
+    from edgevl.models.checkpoint import EMBEDDED_DIR
+
     chosen = "int8" if builder is not None else "fp32"
     out = work / f"edgevl-tiny-{chosen}-{target}"
-    if out.is_dir() and not rebuild:
+    stamp = work / f"{out.name}.checkpoint"        # which checkpoint the cached bundle was built from
+    current = checkpoint_hash(EMBEDDED_DIR)
+    if out.is_dir() and not rebuild and stamp.is_file() and stamp.read_text().strip() == current:
         try:
             load_bundle(out)
             return out, chosen, f"reused {out}"
         except BundleError:
             pass
+    stamp.unlink(missing_ok=True)
     t = time.perf_counter()
     if builder is not None:
         log(f"building an INT8 bundle of edgevl-tiny for {target} (edgevl.exporters.build.build_bundle)")
-        result = builder("edgevl-tiny", target=target, precision="int8", out=str(out))
+        result = builder("edgevl-tiny", target=target, precision="int8", out=str(out), force=True)
         out = Path(getattr(result, "path", out))
         how = "edgevl.exporters.build.build_bundle(precision='int8')"
     else:
@@ -68,6 +74,7 @@ def build_or_reuse_bundle(work: Path, precision: str, target: str, rebuild: bool
 
         export_model("edgevl-tiny", out, force=True, log=lambda *a: None)
         how = "edgevl.exporters.export.export_model (FP32; no quantizing builder installed)"
+    stamp.write_text(current + "\n")
     return out, chosen, f"{how} in {time.perf_counter() - t:.0f} s"
 
 
