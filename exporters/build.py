@@ -98,7 +98,7 @@ def finish(staged: Bundle, out: Path, target: str, precision: str, force: bool, 
 
 def build_bundle(model, target: str, precision: str, out, calib=None, force: bool = False, method: str = "percentile",
                  samples: int = 64, budget: float = 1.0, accept_loss: bool = False, eval_scenes: int = 200,
-                 block_size: int = 32, activations: str | None = None, threads: int | None = None, log=print,
+                 block_size: int | None = None, activations: str | None = None, threads: int | None = None, log=print,
                  progress: bool = True, compile_options: dict | None = None) -> Bundle:
     """Export ``model``, quantize to ``precision``, compile for ``target``; -> the bundle at ``out``.
     ``activations`` (int8): "uint8" for --target onnxruntime (x86 kernels), else "int8"."""
@@ -168,11 +168,11 @@ def _quantize_stage(fp32: Bundle, stage_dir: Path, target, precision, calib, met
                            eval_scenes=eval_scenes, activations=activations)
         return quantize_bundle(fp32, calib, stage_dir / "int8", recipe, threads=threads, log=log, progress=False,
                                after_qdq=after)
-    from edgevl.exporters.quantize.recipes import WeightOnlyRecipe
+    from edgevl.exporters.quantize.recipes import WeightOnlyRecipe, default_block_size
     from edgevl.exporters.quantize.weight_only import weight_only_bundle
 
     bits = 8 if precision == "int8-wo" else 4
     backends = ("onnxruntime", "openvino") if target == "openvino" else ("onnxruntime",)
-    recipe = WeightOnlyRecipe(bits=bits, block_size=block_size, backends=backends)
+    recipe = WeightOnlyRecipe(bits=bits, block_size=block_size or default_block_size(backends), backends=backends)
     return weight_only_bundle(fp32, stage_dir / precision, recipe, budget_points=budget, accept_loss=accept_loss,
                               eval_scenes=eval_scenes, threads=threads, log=log)

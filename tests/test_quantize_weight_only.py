@@ -85,3 +85,21 @@ def test_bad_recipe_is_refused():
         WeightOnlyRecipe(bits=3).validate()
     with pytest.raises(ConfigError, match="power of two"):
         WeightOnlyRecipe(block_size=24).validate()
+
+
+def test_block_size_defaults_to_128_for_onnxruntime_only_bundles(tmp_path):
+    """ONNX Runtime's MatMulNBits pads a partial last block (edgevl-tiny's widths are 192 and 768),
+    so ORT-only bundles get the faster blocks of 128; NNCF's groups must divide every width."""
+    import json
+
+    from edgevl.exporters.build import build_bundle
+    from edgevl.exporters.quantize.recipes import default_block_size
+
+    assert default_block_size(("onnxruntime",)) == 128
+    assert default_block_size(("onnxruntime", "openvino")) == 32
+    bundle = build_bundle("edgevl-tiny", "onnxruntime", "int4-wo", tmp_path / "int4", log=lambda *a: None,
+                          progress=False, eval_scenes=50)
+    manifest = json.loads((bundle.path / "manifest.json").read_text())
+    assert manifest["quantization"]["recipe"]["block_size"] == 128
+    report = json.loads((bundle.path / "accuracy.json").read_text())
+    assert report["tasks"]["backends"]["onnxruntime"]["drop_points"] <= 1.0

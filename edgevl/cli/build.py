@@ -13,7 +13,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default=None, help="calibration data for int8 (folder, video, .npy, 'world'; default world)")
     p.add_argument("--method", default="percentile", choices=["minmax", "entropy", "percentile"])
     p.add_argument("--samples", type=int, default=64, help="calibration images (default 64)")
-    p.add_argument("--block-size", type=int, default=32, help="weight-only block size (default 32)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="weight-only block size (default 128 for --target onnxruntime, 32 for openvino, whose "
+                        "NNCF groups must divide every input width)")
     p.add_argument("--activations", choices=["int8", "uint8"], default=None,
                    help="int8: symmetric (TensorRT, ARM; portable); uint8: asymmetric (ONNX Runtime on x86); "
                         "default: uint8 for --target onnxruntime, else int8")

@@ -118,11 +118,24 @@ class PTQRecipe:
         return asdict(self)
 
 
+ORT_BLOCK_SIZE = 128      # MatMulNBits pads a last partial block, so any input width takes it
+SHARED_BLOCK_SIZE = 32    # NNCF's group size must divide every input width (edgevl-tiny: 192)
+
+
+def default_block_size(backends) -> int:
+    """Weight-only block size when none is given: 128 for ONNX Runtime-only bundles (fewer scales
+    to apply: on the SmolVLM-256M-shaped decoder, ONNX Runtime INT4 108 vs 93 tokens/s and INT8
+    82 vs 75 against blocks of 32, benchmarks/results/quant_speed_smolvlm_256m_shaped.json), 32
+    when OpenVINO's NNCF compresses the same decoder too."""
+    return ORT_BLOCK_SIZE if tuple(backends) == ("onnxruntime",) else SHARED_BLOCK_SIZE
+
+
 @dataclass(frozen=True)
 class WeightOnlyRecipe:
     """Block-wise weight-only quantization of the decoder's MatMuls (activations stay float).
 
-    ``int8-wo`` / ``int4-wo``: symmetric, one scale per ``block_size`` input channels.
+    ``int8-wo`` / ``int4-wo``: symmetric, one scale per ``block_size`` input channels (the CLI's
+    default comes from ``default_block_size``).
     ``accuracy_level`` is MatMulNBits' compute type on ONNX Runtime: 4 quantizes activations to
     int8 per block and runs integer dot products; None/0 computes in float. Measured on a
     SmolLM2-135M-shaped decoder, ORT 1.31, this Skylake-SP (decode step at position 128,
