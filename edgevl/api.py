@@ -78,8 +78,8 @@ def batching_threads() -> dict:
     the cores (and ONNX Runtime's pool threads spin). The decoder and the embedding lookup get half
     the cores; the vision part, which batches images and uses more threads well, keeps the
     backend's default. On the 2-core development VM, edgevl-tiny on ONNX Runtime at 8 concurrent
-    requests: generation 4,666 tokens/s against 3,744 with default threads everywhere, and vision
-    throughput unchanged (1 thread everywhere gave 5,584 tokens/s but lost 21% of vision)."""
+    requests: generation 4,589 tokens/s against 3,744 with default threads everywhere, vision
+    unchanged (benchmarks/results/batching; 1 thread everywhere gave 5,584 but lost 21% of vision)."""
     half = half_the_cores()
     return {"vision": None, "embed": half, "decoder": half}
 
@@ -91,7 +91,6 @@ class VLM:
         self.bundle, self.backend = bundle, backend
         if batching and threads is None:
             threads = batching_threads()
-        self.threads = threads
         self.engine = Engine(bundle, backend, threads=threads, device=device, options=options).activate()
         self.preprocess_spec = bundle.manifest["preprocess"]
         self.generation_defaults = dict(bundle.manifest.get("generation", {}))
