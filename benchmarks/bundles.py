@@ -69,23 +69,18 @@ def bundle_target(target: str, precision: str) -> str:
 def build_defaults(target: str, precision: str) -> dict:
     """Build settings that change the bundle without changing its name (so they key the cache)."""
     if precision.endswith("-wo"):
-        from edgevl.exporters.quantize.recipes import default_block_size
+        from edgevl.exporters.quantize.recipes import default_block_size, weight_only_backends
 
-        backends = ("onnxruntime", "openvino") if target == "openvino" else ("onnxruntime",)
-        return {"block_size": default_block_size(backends)}
+        return {"block_size": default_block_size(weight_only_backends(target))}
     return {}
 
 
 def cache_key(checkpoint_hash: str, target: str, precision: str, tool: str = "edgevl") -> str:
     from edgevl import __version__
 
-    payload = {"checkpoint": checkpoint_hash, "target": target, "precision": precision, "tool": tool,
-               "edgevl": __version__}
-    try:
-        payload.update(build_defaults(target, precision.partition("/")[0]))
-    except ImportError:       # a runtime-only install: nothing is built here anyway
-        pass
-    payload = json.dumps(payload, sort_keys=True)
+    payload = json.dumps({"checkpoint": checkpoint_hash, "target": target, "precision": precision, "tool": tool,
+                          "edgevl": __version__, **build_defaults(target, precision.partition("/")[0])},
+                         sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 

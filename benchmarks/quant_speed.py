@@ -110,7 +110,7 @@ def main(argv=None) -> dict:
                              "--bundle 'onnxruntime fp32=~/.cache/edgevl/bench/bundles/...' (repeatable)")
     parser.add_argument("--extra-block-size", type=int, action="append", default=[],
                         help="also measure ONNX Runtime int8-wo/int4-wo built with this block size (default "
-                             "builds use 32), e.g. --extra-block-size 128; named 'int4-wo/b128'")
+                             "builds use recipes.default_block_size), e.g. --extra-block-size 32; named 'int4-wo/b32'")
     parser.add_argument("--prepare-only", action="store_true", help="build (or reuse) the bundles, measure nothing")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)

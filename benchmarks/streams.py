@@ -99,9 +99,7 @@ def run_case(bundle: Path, cameras: list[Path], batching: bool, args) -> dict:
 
     from edgevl.benchmarks.batching import parse_options
 
-    from edgevl.pipelines.stream import default_threads
-
-    vlm = edgevl.load(bundle, backend=args.backend, threads=args.threads or default_threads(), batching=batching,
+    vlm = edgevl.load(bundle, backend=args.backend, threads=args.threads, batching=batching,
                       options=parse_options(args.option),
                       max_batch_size=args.max_batch, max_wait_ms=args.max_wait_ms, verbose=False)
     try:

@@ -168,11 +168,11 @@ def _quantize_stage(fp32: Bundle, stage_dir: Path, target, precision, calib, met
                            eval_scenes=eval_scenes, activations=activations)
         return quantize_bundle(fp32, calib, stage_dir / "int8", recipe, threads=threads, log=log, progress=False,
                                after_qdq=after)
-    from edgevl.exporters.quantize.recipes import WeightOnlyRecipe, default_block_size
+    from edgevl.exporters.quantize.recipes import WeightOnlyRecipe, default_block_size, weight_only_backends
     from edgevl.exporters.quantize.weight_only import weight_only_bundle
 
     bits = 8 if precision == "int8-wo" else 4
-    backends = ("onnxruntime", "openvino") if target == "openvino" else ("onnxruntime",)
+    backends = weight_only_backends(target)
     recipe = WeightOnlyRecipe(bits=bits, block_size=block_size or default_block_size(backends), backends=backends)
     return weight_only_bundle(fp32, stage_dir / precision, recipe, budget_points=budget, accept_loss=accept_loss,
                               eval_scenes=eval_scenes, threads=threads, log=log)

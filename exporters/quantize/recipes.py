@@ -122,6 +122,11 @@ ORT_BLOCK_SIZE = 128      # MatMulNBits pads a last partial block, so any input 
 SHARED_BLOCK_SIZE = 32    # NNCF's group size must divide every input width (edgevl-tiny: 192)
 
 
+def weight_only_backends(target: str) -> tuple[str, ...]:
+    """The backends a weight-only build for ``target`` writes artefacts for."""
+    return EVAL_BACKENDS if target == "openvino" else ("onnxruntime",)
+
+
 def default_block_size(backends) -> int:
     """Weight-only block size when none is given: 128 for ONNX Runtime-only bundles (fewer scales
     to apply: on the SmolVLM-256M-shaped decoder, ONNX Runtime INT4 108 vs 93 tokens/s and INT8
