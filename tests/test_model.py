@@ -99,3 +99,47 @@ def test_shipped_checkpoint_scores_at_least_093_on_200_held_out_scenes():
     res = evaluate(TorchAnswerer(model, tokenizer), n=200, split="test")
     assert res["accuracy"] >= 0.93, res
     assert min(res["by_task"].values()) >= 0.90, res["by_task"]
+
+
+def test_stacked_projections_compute_the_same_decoder(random_model):
+    """The export layout (q/k/v and gate/up stacked) gives the unfused model's logits and cache."""
+    from edgevl.models.decoder import fuse_projections
+
+    model, _ = random_model
+    fused = fuse_projections(model.decoder)
+    assert not hasattr(fused.layers[0].self_attn, "q_proj") and hasattr(fused.layers[0].mlp, "gate_up_proj")
+    assert fused.lm_head.weight is model.decoder.lm_head.weight          # shared, not copied
+    torch.manual_seed(3)
+    embeds = torch.randn(2, 9, model.cfg.lm_hidden_dim)
+    caches = [KVCache(model.decoder.spec, 2, 16) for _ in range(2)]
+    for start, stop in ((0, 8), (8, 9)):                                 # prefill, then one decode step
+        outs = []
+        for decoder, cache in zip((model.decoder, fused), caches):
+            logits, k, v = decoder(embeds[:, start:stop], cache.keys, cache.values, cache.length)
+            cache.write(k, v)
+            outs.append(logits)
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(caches[1].keys[1], caches[0].keys[1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(caches[1].values[1], caches[0].values[1], atol=1e-6, rtol=0)
+
+
+def test_exported_decoder_reads_shapes_and_masks_once(random_model, tmp_path):
+    """Per-layer shape reads and masks would each add nodes to every layer; the export computes
+    them once per call, so a layer is 4 weight MatMuls and a fixed small set of other nodes."""
+    import collections
+
+    import onnx
+
+    from edgevl.exporters.onnx_export import export_decoder
+
+    model, _ = random_model
+    path = export_decoder(model.decoder, tmp_path / "decoder.onnx")
+    graph = onnx.load(str(path)).graph
+    ops = collections.Counter(n.op_type for n in graph.node)
+    layers = model.decoder.spec.n_layers
+    assert layers >= 4
+    for once in ("Shape", "Trilu", "Tile", "Not", "Cos", "Sin"):   # (batch, seq) and capacity: 3 Shape reads
+        assert ops[once] <= 3, (once, ops[once])
+    weights = {i.name for i in graph.initializer}
+    weight_matmuls = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    assert len(weight_matmuls) == 4 * layers + 1                         # qkv, o, gate_up, down + LM head

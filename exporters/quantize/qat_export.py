@@ -27,7 +27,7 @@ def write_qat_bundle(vlm, fp32: Bundle, out, recipe: QATRecipe, history: list[di
     try:
         export_vision(vlm.vision, vlm.pixel_shape, writer.file(files["vision"]))
         export_embed(vlm.embed, writer.file(files["embed"]))
-        export_decoder(vlm.decoder, writer.file(files["decoder"]))
+        export_decoder(vlm.decoder, writer.file(files["decoder"]), fuse=False)   # NNCF wraps q/k/v/gate/up
         folded = {part: fold_weight_quantizers(writer.file(files[part])) for part in ("vision", "decoder")}
         log(f"  int8 weights folded: {folded}")
         for part in ("vision", "decoder"):
