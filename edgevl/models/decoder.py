@@ -232,7 +232,8 @@ def fuse_projections(decoder: Decoder) -> Decoder:
 
     One (D -> (H+2KV)*Dh) product instead of three and one (D -> 2*M) instead of two: fewer,
     larger matrix products and a single RoPE over q and k, which is what makes a decode step
-    cheap on a runtime that pays per node (ONNX Runtime and OpenVINO on a CPU). Each output
+    cheap on a runtime that pays per node (ONNX Runtime on a CPU: benchmarks/results/
+    decoder_graph.md; OpenVINO folds such graphs itself and runs both layouts alike). Each output
     column is the same dot product as before, so results match the unfused module to float
     rounding. Norms, embeddings and the LM head are shared with ``decoder``, not copied; the
     stacked matrices are new tensors (the model's own stay untouched)."""
