@@ -69,7 +69,7 @@ class RotaryEmbedding(nn.Module):
         return emb.cos()[:, None], emb.sin()[:, None]             # (B, 1, T, Dh)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Step:
     """What every layer of one forward call shares, computed once in ``Decoder.forward``.
 
@@ -199,11 +199,12 @@ class Decoder(nn.Module):
         signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         rep = self.spec.n_heads // self.spec.n_kv_heads
         causal = torch.ones(t, t, dtype=torch.bool, device=device).tril().repeat(rep, 1)   # (rep*T, T)
-        step = Step(b, t, cos, signed_sin, ~causal, None)
+        capacity, past_masked = 0, None
         if past_keys is not None:
-            step.capacity = past_keys[0].shape[2]
-            past_valid = torch.arange(step.capacity, device=device)[None, :] < past_len[:, None]
-            step.past_masked = ~past_valid[:, None, None, :]                 # (B, 1, 1, C)
+            capacity = past_keys[0].shape[2]
+            past_valid = torch.arange(capacity, device=device)[None, :] < past_len[:, None]
+            past_masked = ~past_valid[:, None, None, :]                      # (B, 1, 1, C)
+        step = Step(b, t, cos, signed_sin, ~causal, past_masked, capacity)
         x, new_keys, new_values = inputs_embeds, [], []
         for i, layer in enumerate(self.layers):
             pk = past_keys[i] if past_keys is not None else None
