@@ -52,10 +52,8 @@ def run(args) -> int:
     from edgevl.exporters.quantize.ptq import quantize_bundle
 
     if args.weight_only:
-        from edgevl.exporters.quantize.recipes import WeightOnlyRecipe
+        from edgevl.exporters.quantize.recipes import WeightOnlyRecipe, default_block_size
         from edgevl.exporters.quantize.weight_only import weight_only_bundle
-
-        from edgevl.exporters.quantize.recipes import default_block_size
 
         recipe = WeightOnlyRecipe(bits=8 if args.weight_only == "int8" else 4,
                                   block_size=args.block_size or default_block_size(WeightOnlyRecipe.backends))

@@ -220,8 +220,7 @@ class Decoder(nn.Module):
 def _stacked(linears: list[nn.Linear]) -> nn.Linear:
     """One Linear whose output is the given Linears' outputs side by side."""
     weight = torch.cat([m.weight.detach() for m in linears], dim=0)
-    out = nn.Linear(weight.shape[1], weight.shape[0], bias=linears[0].bias is not None,
-                    device=weight.device, dtype=weight.dtype)
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=linears[0].bias is not None, device="meta")
     out.weight = nn.Parameter(weight, requires_grad=False)
     if out.bias is not None:
         out.bias = nn.Parameter(torch.cat([m.bias.detach() for m in linears]), requires_grad=False)

@@ -130,7 +130,8 @@ def weight_only_backends(target: str) -> tuple[str, ...]:
 def default_block_size(backends) -> int:
     """Weight-only block size when none is given: 128 for ONNX Runtime-only bundles (fewer scales
     to apply: on the SmolVLM-256M-shaped decoder, ONNX Runtime INT4 108 vs 93 tokens/s and INT8
-    82 vs 75 against blocks of 32, benchmarks/results/quant_speed_smolvlm_256m_shaped.json), 32
+    82 vs 75 against blocks of 32 in one run, edgevl 0.1.0,
+    benchmarks/results/quant_speed_smolvlm_256m_shaped_v0.1.0_blocks.json), 32
     when OpenVINO's NNCF compresses the same decoder too."""
     return ORT_BLOCK_SIZE if tuple(backends) == ("onnxruntime",) else SHARED_BLOCK_SIZE
 
