@@ -4,11 +4,25 @@ Precision names mean what they say. OpenVINO's CPU plugin runs bf16 by default o
 have it (and f16 on ARM), so an "fp32" bundle sets INFERENCE_PRECISION_HINT=f32 explicitly;
 "bf16" and "fp16" are precisions of their own and are refused where the hardware lacks them.
 Quantized bundles (Q/DQ INT8, weight-only) keep f32 for whatever stays in float.
+
+Decode-step specialisation. OpenVINO's CPU plugin re-infers shapes and re-prepares kernels on
+every call of a model with dynamic shapes; for a decoder that is about a fifth of edgevl-tiny's
+decode step and 15-20% of a 135M-parameter one's (benchmarks/results/openvino_step.md). So the
+runner also compiles the decoder with batch 1 and one new token fixed (the cache length stays
+dynamic) and sends every single-sequence decode step there; prefill and batched steps use the
+general model. The price is a second copy of the decoder's weights in memory (the CPU plugin
+repacks weights per compiled model), so ``static_step="auto"`` (the default) does it only while
+that copy fits in an eighth of the memory available at load time; ``True``/``False`` force it on
+or off.
 """
 
 from __future__ import annotations
 
-from edgevl.errors import BackendUnavailable, BundleError
+from pathlib import Path
+
+import numpy as np
+
+from edgevl.errors import BackendUnavailable, BundleError, ConfigError
 from edgevl.runtimes.base import Runner, TensorInfo
 
 _HINTS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}
@@ -27,13 +41,90 @@ def _declared_name(compiled_port, model_port) -> str:
     return sorted(names)[0] if names else compiled_port.get_any_name()
 
 
+def _weights_bytes(path: Path) -> int:
+    """Bytes of a model's weights on disk: IR .bin, or ONNX file plus external data files."""
+    if path.suffix == ".xml":
+        return path.with_suffix(".bin").stat().st_size if path.with_suffix(".bin").is_file() else 0
+    return sum(f.stat().st_size for f in path.parent.glob(path.name + "*") if f.is_file())
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def want_static_step(setting, weights_bytes: int, available: int | None) -> bool:
+    """Whether to compile the decode-step specialisation (see the module docstring)."""
+    if setting in (True, "on", "true", "1"):
+        return True
+    if setting in (False, "off", "false", "0", None):
+        return False
+    if setting != "auto":
+        raise ConfigError(f"openvino option static_step={setting!r}: use 'auto', True or False")
+    return available is not None and weights_bytes <= available / 8
+
+
+def is_decoder(model) -> bool:
+    names = set().union(*(p.get_names() for p in model.inputs))
+    return {"inputs_embeds", "past_len", "past_key.0"} <= names
+
+
+class _Compiled:
+    """One compiled model and its infer request, called by port index (no name lookups).
+
+    Inputs are set as tensors sharing the numpy buffers; outputs are copied out, because the
+    request reuses their memory on its next call."""
+
+    def __init__(self, compiled, model):
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+        # Name ports as the graph declares them: compiling fuses nodes and a port can gain the names of
+        # the tensors fused into it (e.g. a MatMul's before its bias Add), so get_any_name() may pick one.
+        self.in_names = [_declared_name(p, q) for p, q in zip(compiled.inputs, model.inputs)]
+        self.out_names = [_declared_name(p, q) for p, q in zip(compiled.outputs, model.outputs)]
+
+    def infer(self, feeds: dict) -> dict:
+        import openvino as ov
+
+        request = self.request
+        for i, name in enumerate(self.in_names):
+            request.set_input_tensor(i, ov.Tensor(np.ascontiguousarray(feeds[name]), shared_memory=True))
+        request.infer()
+        return {name: request.get_output_tensor(i).data.copy() for i, name in enumerate(self.out_names)}
+
+
+def _step_shapes(model) -> dict:
+    """The decoder's inputs with batch 1 and one new token fixed; the cache length stays dynamic."""
+    import openvino as ov
+
+    shapes = {}
+    for port in model.inputs:
+        ps = port.get_partial_shape()
+        names = port.get_names()
+        if "inputs_embeds" in names:
+            shapes[port] = ov.PartialShape([1, 1, ps[2]])
+        elif "past_len" in names:
+            shapes[port] = ov.PartialShape([1])
+        else:                                         # past_key.i / past_value.i (B, KV, C, Dh)
+            shapes[port] = ov.PartialShape([1, ps[1], -1, ps[3]])
+    return shapes
+
+
 def inference_precision(precision: str) -> str:
     """The INFERENCE_PRECISION_HINT for a bundle precision (quantized ones keep f32 floats)."""
     return _HINTS.get(precision, "f32")
 
 
 class OpenVINORunner(Runner):
-    """Options: ``hint`` ("LATENCY" or "THROUGHPUT"), ``cache_dir`` (OpenVINO model cache)."""
+    """Options: ``hint`` ("LATENCY" or "THROUGHPUT"), ``cache_dir`` (OpenVINO model cache),
+    ``static_step`` ("auto", True, False: the decode-step specialisation, decoder only)."""
 
     backend = "openvino"
 
@@ -63,28 +154,37 @@ class OpenVINORunner(Runner):
         try:
             model = core.read_model(str(self.path))
             self.compiled = core.compile_model(model, device, config)
+            self._main = _Compiled(self.compiled, model)
+            self._step = None
+            setting = self.options.get("static_step", "auto")
+            if is_decoder(model) and want_static_step(setting, _weights_bytes(self.path),
+                                                      available_memory_bytes() if device == "CPU" else None):
+                step_model = model.clone()               # shares the constants: no second mmap of the weights
+                step_model.reshape(_step_shapes(step_model))
+                self._step = _Compiled(core.compile_model(step_model, device, config), step_model)
         except RuntimeError as e:
             raise BundleError(f"openvino could not load {self.path}: {e}") from e
-        self.request = self.compiled.create_infer_request()
-        # Name ports as the graph declares them: compiling fuses nodes and a port can gain the names of
-        # the tensors fused into it (e.g. a MatMul's before its bias Add), so get_any_name() may pick one.
-        in_names = [_declared_name(p, q) for p, q in zip(self.compiled.inputs, model.inputs)]
-        out_names = [_declared_name(p, q) for p, q in zip(self.compiled.outputs, model.outputs)]
+        self.request = self._main.request
         inputs = [TensorInfo(n, _dtype_name(p.get_element_type()), _shape(p.get_partial_shape()))
-                  for n, p in zip(in_names, self.compiled.inputs)]
+                  for n, p in zip(self._main.in_names, self.compiled.inputs)]
         outputs = [TensorInfo(n, _dtype_name(p.get_element_type()), _shape(p.get_partial_shape()))
-                   for n, p in zip(out_names, self.compiled.outputs)]
-        self._out_ports = list(self.compiled.outputs)
-        self._names = [o.name for o in outputs]
+                   for n, p in zip(self._main.out_names, self.compiled.outputs)]
+        self.step_calls = 0
         return inputs, outputs
 
+    @property
+    def has_static_step(self) -> bool:
+        """Whether single-sequence decode steps run on the batch-1, one-token compiled model."""
+        return self.activate()._step is not None
+
     def _infer(self, feeds):
-        result = self.request.infer(feeds, share_inputs=True)
-        return {name: result[port] for name, port in zip(self._names, self._out_ports)}
+        if self._step is not None and feeds["inputs_embeds"].shape[:2] == (1, 1):
+            self.step_calls += 1
+            return self._step.infer(feeds)
+        return self._main.infer(feeds)
 
     def _close(self):
-        self.request = None
-        self.compiled = None
+        self.request = self.compiled = self._main = self._step = None
 
     @property
     def execution_precision(self) -> str:

@@ -199,3 +199,59 @@ def test_batching_gives_the_decoder_half_the_cores_and_threads_can_be_set_per_pa
         assert {name: r.threads for name, r in vlm.engine.runners.items()} == {"vision": 1, "embed": None,
                                                                             "decoder": None}
         assert vlm.engine.runners["vision"].session.get_session_options().intra_op_num_threads == 1
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="needs OpenVINO: pip install edgevl[openvino]")
+def test_openvino_decode_steps_run_on_the_static_step_model_with_the_same_results(tiny_bundle):
+    """Single-sequence decode steps go to the batch-1, one-token compiled model; prefill and
+    batched steps to the general one; both give the same numbers and the same greedy answer."""
+    from edgevl.bundle import load_bundle
+    from edgevl.data.world import make_scene
+    from edgevl.runtimes.openvino import OpenVINORunner
+
+    path = load_bundle(tiny_bundle).part_file("decoder", "openvino")
+    on, off = OpenVINORunner(path, threads=1, options={"static_step": True}), \
+        OpenVINORunner(path, threads=1, options={"static_step": False})
+    assert on.has_static_step and not off.has_static_step
+    rng = np.random.default_rng(0)
+    dims = {t.name: t.shape for t in on.inputs}
+    kv, dh = dims["past_key.0"][1], dims["past_key.0"][3]
+    d = dims["inputs_embeds"][2]
+
+    def feeds(b, t, cap=64, past=5):
+        f = {"inputs_embeds": rng.standard_normal((b, t, d)).astype(np.float32),
+             "past_len": np.full(b, past, np.int64)}
+        for name in dims:
+            if name.startswith(("past_key", "past_value")):
+                f[name] = rng.standard_normal((b, kv, cap, dh)).astype(np.float32)
+        return f
+
+    for b, t, step in ((1, 1, True), (1, 7, False), (3, 1, False)):
+        f = feeds(b, t)
+        before = on.step_calls
+        got, want = on.infer(f), off.infer(f)
+        assert on.step_calls == before + step
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
+
+    image = make_scene("test", 3).image()
+    answers = {}
+    for setting in (True, False):
+        with edgevl.load(tiny_bundle, backend="openvino", options={"static_step": setting}, verbose=False) as vlm:
+            dec = vlm.engine.runners["decoder"]
+            answers[setting] = vlm.generate(image, "describe the image.", channels="rgb").tokens
+            assert dec.has_static_step == setting and (dec.step_calls > 0) == setting
+    assert answers[True] == answers[False] and len(answers[True]) > 1
+
+
+def test_openvino_static_step_policy():
+    from edgevl.errors import ConfigError
+    from edgevl.runtimes.openvino import want_static_step
+
+    gib = 1 << 30
+    assert want_static_step("auto", 500 << 20, 24 * gib)             # a 500 MB decoder, 24 GB free
+    assert not want_static_step("auto", 2 * gib, 8 * gib)             # its copy would take a quarter
+    assert not want_static_step("auto", 1 << 20, None)                # memory unknown (or not a CPU)
+    assert want_static_step(True, 2 * gib, None) and not want_static_step(False, 1, 24 * gib)
+    with pytest.raises(ConfigError, match="static_step='yes'"):
+        want_static_step("yes", 1, 1)
