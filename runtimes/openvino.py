@@ -94,8 +94,11 @@ class _Compiled:
         import openvino as ov
 
         request = self.request
-        for i, name in enumerate(self.in_names):
-            request.set_input_tensor(i, ov.Tensor(np.ascontiguousarray(feeds[name]), shared_memory=True))
+        # The list keeps every tensor (and any contiguous copy it wraps) alive until infer() returns:
+        # a shared-memory tensor does not own its buffer, the Python object does.
+        tensors = [ov.Tensor(np.ascontiguousarray(feeds[name]), shared_memory=True) for name in self.in_names]
+        for i, tensor in enumerate(tensors):
+            request.set_input_tensor(i, tensor)
         request.infer()
         return {name: request.get_output_tensor(i).data.copy() for i, name in enumerate(self.out_names)}
 
