@@ -167,7 +167,6 @@ class OpenVINORunner(Runner):
                 self._step = _Compiled(core.compile_model(step_model, device, config), step_model)
         except RuntimeError as e:
             raise BundleError(f"openvino could not load {self.path}: {e}") from e
-        self.request = self._main.request
         inputs = [TensorInfo(n, _dtype_name(p.get_element_type()), _shape(p.get_partial_shape()))
                   for n, p in zip(self._main.in_names, self.compiled.inputs)]
         outputs = [TensorInfo(n, _dtype_name(p.get_element_type()), _shape(p.get_partial_shape()))
@@ -187,7 +186,7 @@ class OpenVINORunner(Runner):
         return self._main.infer(feeds)
 
     def _close(self):
-        self.request = self.compiled = self._main = self._step = None
+        self.compiled = self._main = self._step = None
 
     @property
     def execution_precision(self) -> str:

@@ -241,6 +241,8 @@ def test_openvino_decode_steps_run_on_the_static_step_model_with_the_same_result
     want = on.infer(f)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    on.close()
+    off.close()
 
     image = make_scene("test", 3).image()
     answers = {}
