@@ -65,6 +65,7 @@ def run_bench(models: list[str], targets: list[str], precisions: list[str], batc
     if prepare_only:
         return {"prepared": {r.setup.key: ({"error": r.error} if r.status != "ok" else r.prepared) for r in runs},
                 "duration_s": round(time.perf_counter() - t0, 1)}
+    machine["load_average_after"] = list(os.getloadavg())       # the ratios' verdicts need it (trust.py)
     doc = document(runs, plan.batches, machine, bandwidth, settings.to_dict(), extra={
         "started": started.isoformat(timespec="seconds"),
         "duration_s": round(time.perf_counter() - t0, 1),
@@ -74,7 +75,6 @@ def run_bench(models: list[str], targets: list[str], precisions: list[str], batc
         "peer_notes": _peer_notes(peers or []),
         "prepared": {r.setup.key: r.prepared for r in runs},
     })
-    doc["machine"]["load_average_after"] = list(os.getloadavg())
     write_json(doc, json_path)
     if markdown_path:
         from edgevl.benchmarks.report import _atomic_write

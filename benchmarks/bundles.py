@@ -68,7 +68,7 @@ def bundle_target(target: str, precision: str) -> str:
 
 def build_defaults(target: str, precision: str) -> dict:
     """Build settings that change the bundle without changing its name (so they key the cache)."""
-    if precision.endswith("-wo"):
+    if precision.endswith("-wo") or precision in ("int8", "int4"):
         from edgevl.exporters.quantize.recipes import default_block_size, weight_only_backends
 
         return {"block_size": default_block_size(weight_only_backends(target))}

@@ -86,6 +86,16 @@ def library_versions(names=LIBRARIES) -> dict:
     return versions
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask), which is what a load average compares with."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def load_now() -> float | None:
+    """The 1-minute load average (runnable threads, all processes), None where the OS has none."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def machine_info() -> dict:
     cpu = _cpuinfo()
     flags = set(cpu.get("flags", []))
@@ -94,7 +104,7 @@ def machine_info() -> dict:
         "cpu_model_number": cpu.get("model"),
         "arch": platform.machine(),
         "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "usable_cores": usable_cores(),
         "flags": sorted(f for f in INTERESTING_FLAGS if f in flags),
         "has": {"avx512": "avx512f" in flags, "vnni": bool(flags & {"avx512_vnni", "avx_vnni"}),
                 "bf16": "avx512_bf16" in flags or "amx_bf16" in flags, "amx": "amx_tile" in flags},
@@ -117,7 +127,7 @@ def copy_bandwidth(megabytes: int = 256, threads: int | None = None, repeats: in
     """
     import numpy as np
 
-    threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    threads = threads or usable_cores()
     n = megabytes * 2 ** 20 // 8
     src = np.ones(n, dtype=np.float64)
     dst = np.empty_like(src)

@@ -3,6 +3,8 @@
 - ``edgevl-tiny``: the embedded default (accuracy is measured on held-out scenes);
 - ``smolvlm-256m-shaped``: SmolVLM-256M's architecture with random weights, built locally
   (no hub) once and cached; speed only, random weights have no accuracy;
+- ``llava-shaped``: LLaVA (CLIP ViT-B/16 at 224 px, 196 image tokens) with the same decoder,
+  random weights, built and cached the same way (llava_shaped.py);
 - any local checkpoint directory (``save_pretrained`` layout, or an edgevl-tiny checkpoint).
 
 A checkpoint's content hash (every file's sha256) keys the bundle cache, so a retrained
@@ -11,7 +13,6 @@ checkpoint never reuses a stale bundle.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,11 @@ from edgevl.errors import CheckpointError
 
 TINY = "edgevl-tiny"
 SMOLVLM_SHAPED = "smolvlm-256m-shaped"
-BUILT_IN = (TINY, SMOLVLM_SHAPED)
+LLAVA_SHAPED = "llava-shaped"
+# random-weight models built locally on first use: name -> "module:function(checkpoints root)"
+SHAPED = {SMOLVLM_SHAPED: "edgevl.benchmarks.smolvlm_shaped:smolvlm_256m_shaped_checkpoint",
+          LLAVA_SHAPED: "edgevl.benchmarks.llava_shaped:llava_shaped_checkpoint"}
+BUILT_IN = (TINY, *SHAPED)
 
 
 @dataclass(frozen=True)
@@ -36,17 +41,10 @@ class BenchModel:
 
 
 def checkpoint_hash(directory: Path) -> str:
-    """sha256 over every file's relative path and sha256 (sorted): the checkpoint's identity."""
-    from edgevl.bundle import sha256_file
+    """The checkpoint's identity (the same hash that keys the FP32 export cache)."""
+    from edgevl.exporters.export_cache import checkpoint_hash as content_hash
 
-    h = hashlib.sha256()
-    files = sorted(p for p in Path(directory).rglob("*") if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise CheckpointError(f"{directory}: checkpoint directory is empty")
-    for p in files:
-        h.update(p.relative_to(directory).as_posix().encode())
-        h.update(sha256_file(p).encode())
-    return h.hexdigest()
+    return content_hash(directory)
 
 
 def _kind_of(directory: Path) -> str:
@@ -63,10 +61,12 @@ def resolve_model(name: str, cache_dir: Path) -> BenchModel:
         from edgevl.models.checkpoint import EMBEDDED_DIR
 
         return BenchModel(TINY, EMBEDDED_DIR, "edgevl-tiny", True)
-    if name == SMOLVLM_SHAPED:
-        from edgevl.benchmarks.smolvlm_shaped import smolvlm_256m_shaped_checkpoint
+    if name in SHAPED:
+        import importlib
 
-        return BenchModel(SMOLVLM_SHAPED, smolvlm_256m_shaped_checkpoint(Path(cache_dir) / "checkpoints"), "hf", False)
+        module, function = SHAPED[name].split(":")
+        build = getattr(importlib.import_module(module), function)
+        return BenchModel(name, build(Path(cache_dir) / "checkpoints"), "hf", False)
     directory = Path(name)
     if not directory.is_dir():
         raise CheckpointError(f"--model {name}: not a built-in model ({', '.join(BUILT_IN)}) and not a directory")

@@ -30,7 +30,9 @@ def rss_mb() -> float:
 
 
 def measure(name: str, bundle: Path, cache: Path, rounds: int, steps: int, position: int, threads: int) -> dict:
+    from edgevl.benchmarks.machine import load_now
     from edgevl.benchmarks.models import resolve_model
+    from edgevl.benchmarks.trust import judge
     from edgevl.benchmarks.worker import make_subject
 
     model = resolve_model(name, cache)
@@ -48,6 +50,7 @@ def measure(name: str, bundle: Path, cache: Path, rounds: int, steps: int, posit
         subjects[label].decode_at(position, 3)                 # first calls pay for shapes and pages
         added_mb[label] = round(rss_mb() - before, 1)
     tok_s: dict[str, list[float]] = {label: [] for label in subjects}
+    load_before = load_now()
     for _ in range(rounds):
         for label, subject in subjects.items():
             ms = subject.decode_at(position, steps)[1:]
@@ -55,10 +58,13 @@ def measure(name: str, bundle: Path, cache: Path, rounds: int, steps: int, posit
             time.sleep(0.3)
     for subject in subjects.values():
         subject.close()
+    load_after = load_now()
     base = statistics.median(tok_s["pytorch eager"])
     rows = {label: {"tok_s": round(statistics.median(v), 2), "min": round(min(v), 2), "max": round(max(v), 2),
                     "x_pytorch": round(statistics.median(v) / base, 3), "rounds": [round(x, 2) for x in v],
-                    "rss_added_mb": added_mb[label]}
+                    "rss_added_mb": added_mb[label],
+                    "x_pytorch_trust": judge({"pytorch eager": tok_s["pytorch eager"], label: v}, load_before=load_before,
+                                             load_after=load_after, unit="tok/s").to_dict()}
             for label, v in tok_s.items()}
     return {"model": name, "bundle": str(bundle), "position": position, "steps": steps, "rows": rows}
 
@@ -76,9 +82,16 @@ def markdown(results: list[dict], machine: dict, args) -> str:
                   "|---|---:|---:|---:|---:|"]
         for label, row in r["rows"].items():
             lines.append(f"| {label} | {row['tok_s']:.1f} | {row['min']:.1f}-{row['max']:.1f} | "
-                         f"{row['x_pytorch']:.2f}x | {row['rss_added_mb']:.0f} |")
+                         f"{x_pytorch(row)} | {row['rss_added_mb']:.0f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def x_pytorch(row: dict) -> str:
+    """'1.23x', flagged with the reasons where the rounds or the machine's load make it untrustworthy."""
+    from edgevl.benchmarks.trust import Trust, format_ratio
+
+    return format_ratio(row["x_pytorch"], Trust.from_dict(row.get("x_pytorch_trust")))
 
 
 def main(argv=None) -> int:
@@ -100,7 +113,7 @@ def main(argv=None) -> int:
         steps = args.steps or (300 if name == "edgevl-tiny" else 40)
         results.append(measure(name, Path(bundle), Path(args.cache), args.rounds, steps, args.position, args.threads))
         for label, row in results[-1]["rows"].items():
-            print(f"{name:22s} {label:22s} {row['tok_s']:8.1f} tok/s  {row['x_pytorch']:.2f}x  +{row['rss_added_mb']:.0f} MB")
+            print(f"{name:22s} {label:22s} {row['tok_s']:8.1f} tok/s  +{row['rss_added_mb']:.0f} MB  {x_pytorch(row)}")
     machine = machine_info()
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"machine": machine, "results": results,

@@ -88,11 +88,15 @@ def plot_all(doc: dict, out_dir: str | Path) -> list[Path]:
     acc = [r for r in rows if r.get("accuracy") is not None and r.get("speedup_vs_torch") is not None]
     if acc:
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        from edgevl.benchmarks.trust import Trust
+
         for r in acc:
-            ax.scatter(r["speedup_vs_torch"], 100 * r["accuracy"], s=40)
-            ax.annotate(f"{r['model']} {variant_label(r)} b{r['batch']}", (r["speedup_vs_torch"], 100 * r["accuracy"]),
-                        fontsize=7, xytext=(4, 4), textcoords="offset points")
-        ax.set_xlabel("speed-up over PyTorch eager FP32 (end to end, or vision)")
+            trusted = Trust.from_dict(r.get("speedup_trust")).ok       # hollow, "(!)": see the Markdown notes
+            ax.scatter(r["speedup_vs_torch"], 100 * r["accuracy"], s=40, **({} if trusted else {"facecolors": "none",
+                                                                                             "edgecolors": "C3"}))
+            ax.annotate(f"{r['model']} {variant_label(r)} b{r['batch']}{'' if trusted else ' (!)'}",
+                        (r["speedup_vs_torch"], 100 * r["accuracy"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.set_xlabel("speed-up over PyTorch eager FP32 (end to end, or vision); hollow (!): not trustworthy")
         ax.set_ylabel("exact-match accuracy, held-out scenes (%)")
         ax.grid(alpha=0.3)
         fig.tight_layout()

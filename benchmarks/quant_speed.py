@@ -96,7 +96,8 @@ def time_rounds(subjects: dict, call, rounds: int) -> dict[str, list[float]]:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smolvlm-256m-shaped", help="smolvlm-256m-shaped, edgevl-tiny or a checkpoint")
+    parser.add_argument("--model", default="smolvlm-256m-shaped",
+                        help="smolvlm-256m-shaped, llava-shaped, edgevl-tiny or a checkpoint")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "edgevl-bench")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=10)
@@ -121,8 +122,9 @@ def main(argv=None) -> dict:
             parser.error(f"--bundle {item!r}: expected 'BACKEND PRECISION=DIR'")
         given[tuple(variant.split())] = Path(path).expanduser()
 
-    from edgevl.benchmarks.machine import machine_info
+    from edgevl.benchmarks.machine import load_now, machine_info
     from edgevl.benchmarks.models import resolve_model
+    from edgevl.benchmarks.trust import Trust, format_ratio, judge
     from edgevl.benchmarks.subject import scene_images
     from edgevl.benchmarks.subject_edgevl import EdgeVLSubject
     from edgevl.runtimes.registry import is_installed
@@ -148,6 +150,7 @@ def main(argv=None) -> dict:
     images = scene_images(1)
     pixels = {name: s.pixels(images) for name, s in subjects.items()}
 
+    load_before = load_now()
     vision_names = ["pytorch fp32"] + [f"{b} {p}" for b, p in vision_variants]
     vision_ms = time_rounds({n: subjects[n] for n in vision_names}, lambda n, s: s.encode(pixels[n]), args.rounds)
     decode_names = ["pytorch fp32"] + [f"{b} {p}" for b, p in decode_variants]
@@ -156,6 +159,7 @@ def main(argv=None) -> dict:
         for n in decode_names:
             time.sleep(PAUSE_S)
             decode_ms[n] += subjects[n].decode_at(args.position, args.decode_steps)
+    load_after = load_now()
     vision = {n: statistics.median(v) for n, v in vision_ms.items()}
     tok_s = {n: 1e3 / statistics.median(v) for n, v in decode_ms.items()}
     ratios = {f"vision {n}": vision["pytorch fp32"] / v for n, v in vision.items() if n != "pytorch fp32"}
@@ -165,22 +169,35 @@ def main(argv=None) -> dict:
             four, eight = f"{backend} int4-wo{suffix}", f"{backend} int8-wo{suffix}"
             if four in tok_s and eight in tok_s:
                 ratios[f"decode {four} vs {eight.split()[1]}"] = tok_s[four] / tok_s[eight]
+
+    def trust(kind: str, a: str, b: str) -> Trust:          # the verdict on the ratio between a and b
+        samples = vision_ms if kind == "vision" else decode_ms
+        return judge({f"{kind} {a}": samples[a], f"{kind} {b}": samples[b]}, load_before=load_before,
+                     load_after=load_after, unit="ms" if kind == "vision" else "ms/token")
+
+    trusts = {f"{kind} {n}": trust(kind, "pytorch fp32", n) for kind, names in (("vision", vision), ("decode", tok_s))
+              for n in names if n != "pytorch fp32"}
+    for key in ratios:
+        if " vs " in key:                                   # "decode onnxruntime int4-wo vs int8-wo"
+            four = key.split(" vs ")[0].removeprefix("decode ")
+            trusts[key] = trust("decode", four, four.replace("int4-wo", "int8-wo"))
     targets = dict(TARGETS, **{"decode onnxruntime int4-wo vs int8-wo": 1.3})
-    verdict = {k: {"target": t, "measured": round(ratios[k], 2), "met": ratios[k] >= t} for k, t in targets.items()
-               if k in ratios}
+    verdict = {k: {"target": t, "measured": round(ratios[k], 2), "met": ratios[k] >= t, "trust": trusts[k].to_dict()}
+               for k, t in targets.items() if k in ratios}
     for s in subjects.values():
         s.close()
     result = {"model": model.to_dict(), "threads": args.threads, "rounds": args.rounds, "position": args.position,
               "calibration": {"samples": args.samples, "method": args.method},
               "bundles": {f"{b} {p}": str(path) for (b, p), path in paths.items()},
               "decode_steps": args.decode_steps, "vision_ms": vision, "decode_tok_s": tok_s, "ratios": ratios,
+              "ratios_trust": {k: t.to_dict() for k, t in trusts.items()},
               "targets": verdict, "machine": machine_info()}
     for name, ms in vision.items():
-        print(f"vision {name:<24} {ms:8.2f} ms  {vision['pytorch fp32'] / ms:5.2f}x")
+        print(f"vision {name:<24} {ms:8.2f} ms  {format_ratio(vision['pytorch fp32'] / ms, trusts.get(f'vision {name}', Trust()))}")
     for name, t in tok_s.items():
-        print(f"decode {name:<24} {t:8.1f} tok/s  {t / tok_s['pytorch fp32']:5.2f}x")
+        print(f"decode {name:<24} {t:8.1f} tok/s  {format_ratio(t / tok_s['pytorch fp32'], trusts.get(f'decode {name}', Trust()))}")
     for k, v in verdict.items():
-        print(f"target {k:<40} >= {v['target']}: {v['measured']} {'met' if v['met'] else 'NOT met'}")
+        print(f"target {k:<40} >= {v['target']}: {v['measured']} {'met' if v['met'] else 'NOT met'} {trusts[k].flag()}".rstrip())
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(result, indent=2) + "\n")

@@ -16,6 +16,7 @@ from pathlib import Path
 from edgevl.benchmarks.machine import decode_ceiling
 from edgevl.benchmarks.orchestrate import SetupRun
 from edgevl.benchmarks.stats import overhead, ratio, summarize
+from edgevl.benchmarks.trust import Trust, judge, load_reason
 
 SCHEMA = "edgevl-bench/1"
 # metric -> (sample key, higher is better)
@@ -90,6 +91,7 @@ def rows_for(run: SetupRun, batches, bandwidth_gb_s: float | None, spread_limit:
             "prompt_tokens": samples.get("prompt_tokens"),
             "image_tokens": facts.get("image_tokens"),
             "execution_precision": facts.get("execution_precision"),
+            "note": facts.get("note"),          # what a peer measured, where it differs from edgevl's rows
             "bundle": facts.get("bundle"),
         })
         ov = (finish.get("overhead") if isinstance(finish, dict) else None) if batch == 1 else None
@@ -119,12 +121,45 @@ def add_speedups(rows: list[dict]) -> None:
         row["speedup_metric"] = "e2e" if ratios["e2e"] is not None else ("vision" if ratios["vision"] is not None else None)
 
 
+def judge_ratios(rows: list[dict], runs: list[SetupRun], machine: dict, spread_limit: float) -> None:
+    """Give every speed-up (``speedups_trust`` per metric, ``speedup_trust`` for the headline one) and
+    decode position ratio (``decode_position_trust``) its verdict from the raw samples and the load."""
+    samples = {f"{run.setup.key}/b{batch}": s for run in runs for batch, s in run.samples.items()}
+    torch_rows = {(r["model"], r["batch"]): r for r in rows if r["tool"] == "pytorch" and r["status"] == "ok"}
+    context = dict(load_before=(machine.get("load_average") or [None])[0],
+                   load_after=(machine.get("load_average_after") or [None])[0],
+                   cores=machine.get("usable_cores"), spread_limit=spread_limit)
+    for row in rows:
+        mine, ref_row = samples.get(row["key"], {}), torch_rows.get((row["model"], row["batch"]))
+        ref = samples.get(ref_row["key"], {}) if ref_row else {}
+        label, ref_label = (f"{row['model']} {name} b{row['batch']}" for name in (variant_label(row), "PyTorch"))
+        trusts = {}
+        for metric, value in (row.get("speedups_vs_torch") or {}).items():
+            if value is None or row is ref_row:
+                continue
+            key, higher_is_better = METRICS[metric]
+            trusts[metric] = judge({f"{ref_label} {metric}": ref.get(key) or [], f"{label} {metric}": mine.get(key) or []},
+                                   unit="tok/s" if higher_is_better else "ms", **context).to_dict()
+        row["speedups_trust"] = trusts
+        row["speedup_trust"] = trusts.get(row.get("speedup_metric"))
+        at = row.get("decode_tok_s_at") or {}
+        if row.get("decode_position_ratio") is not None:
+            ends = (list(at)[0], list(at)[-1])
+            row["decode_position_trust"] = judge({f"{label} decode at {p}": mine["decode_tok_s_at"][p] for p in ends},
+                                                 unit="tok/s", **context).to_dict()
+        else:
+            row["decode_position_trust"] = None
+
+
 # issue 4's runtime targets, checked on every edgevl FP32 row at batch 1
+# (name, value, its trust verdict or None, op, limit)
 RUNTIME_TARGETS = (
-    ("decode tok/s vs PyTorch eager", lambda r: (r.get("speedups_vs_torch") or {}).get("decode"), ">=", 1.7),
+    ("decode tok/s vs PyTorch eager", lambda r: (r.get("speedups_vs_torch") or {}).get("decode"),
+     lambda r: (r.get("speedups_trust") or {}).get("decode"), ">=", 1.7),
     ("edgevl vision overhead over the bare session (%)",
-     lambda r: (r.get("vision_overhead") or {}).get("overhead_pct"), "<=", 10.0),
-    ("decode tok/s at the far position / at the near one", lambda r: r.get("decode_position_ratio"), ">=", 0.8),
+     lambda r: (r.get("vision_overhead") or {}).get("overhead_pct"), lambda r: None, "<=", 10.0),
+    ("decode tok/s at the far position / at the near one", lambda r: r.get("decode_position_ratio"),
+     lambda r: r.get("decode_position_trust"), ">=", 0.8),
 )
 
 
@@ -133,11 +168,11 @@ def target_checks(rows: list[dict]) -> list[dict]:
     for r in rows:
         if r["tool"] != "edgevl" or r["precision"] != "fp32" or r["batch"] != 1 or r["status"] != "ok":
             continue
-        for name, get, op, limit in RUNTIME_TARGETS:
+        for name, get, get_trust, op, limit in RUNTIME_TARGETS:
             value = get(r)
             ok = None if value is None else (value >= limit if op == ">=" else value <= limit)
             checks.append({"model": r["model"], "backend": r["backend"], "check": name, "value": value,
-                           "target": f"{op} {limit}", "ok": ok})
+                           "target": f"{op} {limit}", "ok": ok, "trust": get_trust(r)})
     return checks
 
 
@@ -145,6 +180,7 @@ def document(runs: list[SetupRun], batches, machine: dict, bandwidth: dict, sett
     rows = [row for run in runs for row in rows_for(run, batches, bandwidth.get("copy_gb_s"),
                                                      settings.get("spread_limit", 0.25), machine.get("l3_cache_mb"))]
     add_speedups(rows)
+    judge_ratios(rows, runs, machine, settings.get("spread_limit", 0.25))
     return {"schema": SCHEMA, "machine": machine, "bandwidth": bandwidth, "settings": settings,
             "variants": rows, "runtime_targets": target_checks(rows), **(extra or {})}
 
@@ -203,7 +239,9 @@ def markdown(doc: dict) -> str:
             lines.append(f"| {r['model']} | {variant_label(r)} | {r['batch']} | failed: {short_error(r['error'])} ||||||||| ")
             continue
         speed = r["speedup_vs_torch"]
-        speed_text = "1.00x (ref)" if r["tool"] == "pytorch" else (f"{speed:.2f}x {r['speedup_metric']}" if speed else "–")
+        untrusted = "" if Trust.from_dict(r.get("speedup_trust")).ok else " !"
+        speed_text = "1.00x (ref)" if r["tool"] == "pytorch" else (f"{speed:.2f}x {r['speedup_metric']}{untrusted}"
+                                                                   if speed else "–")
         frac = r["decode_ceiling_fraction"]
         acc = r["accuracy"]
         lines.append(
@@ -211,8 +249,8 @@ def markdown(doc: dict) -> str:
             f"{_fmt(r['ttft_ms_p50'], 1)} | {_fmt(r['decode_tok_s'], 1)} | {_fmt(r['e2e_ms_p50'], 1)} | {speed_text} | "
             f"{_fmt(frac * 100 if frac is not None else None, 0, '%')} | {_fmt(r['peak_rss_mb'], 0)} | "
             f"{_fmt(r['size_mb'], 1)} | {_fmt(acc * 100 if acc is not None else None, 1, '%')} |")
-    load = (m.get("load_average") or [0])[0]
-    if load > 0.5 * (m.get("usable_cores") or 1):
+    load, cores = (m.get("load_average") or [None])[0], m.get("usable_cores") or 1
+    if load_reason(load, None, cores, limit=0.5 * cores):     # stricter than for ratios: absolute numbers
         lines.insert(1, f"\n**The machine was busy** (load average {load:.1f} on {m.get('usable_cores')} cores at the "
                         "start): absolute numbers are unreliable, PyTorch's OpenMP threads most of all; rerun on a "
                         "quiet machine before quoting.")
@@ -221,6 +259,8 @@ def markdown(doc: dict) -> str:
         lines += ["", "| model | backend | runtime target | value | target | met |", "|---|---|---|---:|---|---|"]
         for c in checks:
             met = {True: "yes", False: "**no**", None: "not measured"}[c["ok"]]
+            if c["ok"] is not None and not Trust.from_dict(c.get("trust")).ok:
+                met += " (not trustworthy)"
             value = "–" if c["value"] is None else f"{c['value']:.2f}"
             lines.append(f"| {c['model']} | {c['backend']} | {c['check']} | {value} | {c['target']} | {met} |")
     notes = _notes(doc)
@@ -230,16 +270,21 @@ def markdown(doc: dict) -> str:
 
 
 def _notes(doc: dict) -> list[str]:
-    notes = []
+    notes, noted = [], set()
     for r in doc["variants"]:
         if r["status"] != "ok":
             continue
         label = f"{r['model']} {variant_label(r)} b{r['batch']}"
+        setup_key = r["key"].rsplit("/", 1)[0]
+        if r.get("note") and setup_key not in noted:        # once per setup, not per batch
+            noted.add(setup_key)
+            notes.append(f"- {label}: {r['note']}")
         if r.get("decode_position_ratio") is not None:
             at = r["decode_tok_s_at"]
             first, last = list(at)[0], list(at)[-1]
             notes.append(f"- {label}: decode {at[last]:.1f} tok/s at position {last} vs {at[first]:.1f} at {first} "
-                         f"({r['decode_position_ratio']:.2f}x)")
+                         f"({r['decode_position_ratio']:.2f}x"
+                         f"{'' if Trust.from_dict(r.get('decode_position_trust')).ok else ' !'})")
         if r.get("vision_overhead"):
             o = r["vision_overhead"]
             notes.append(f"- {label}: edgevl vision {o['edgevl_ms_p50']:.3f} ms vs bare session {o['bare_ms_p50']:.3f} ms "
@@ -252,10 +297,31 @@ def _notes(doc: dict) -> list[str]:
     if wide:
         limit = doc.get("settings", {}).get("spread_limit", 0.25)
         notes.append(f"- wide spread ((p90-p10)/median > {limit:.0%}; p10/p90 in the JSON): " + "; ".join(wide))
+    shown = [t for r in doc["variants"] for t in (r.get("speedup_trust"), r.get("decode_position_trust"))]
+    shown += [c.get("trust") for c in doc.get("runtime_targets") or []]
+    flagged = sum((Trust.from_dict(t) for t in shown), Trust())
+    if not flagged.ok:
+        notes.append(f"- ratios marked ! or (not trustworthy): {flagged.flag()}")
     cached = sorted({r["model"] for r in doc["variants"] if r.get("weights_fit_in_cache")})
     if cached:
         notes.append(f"- {', '.join(cached)}: the decoder's weights fit in the {doc['machine'].get('l3_cache_mb')} MB "
                      "last-level cache, so the DRAM-bandwidth decode ceiling does not bind there")
+    notes += build_time_notes(doc.get("prepared") or {})
     for p in doc.get("peer_notes", []):
         notes.append(f"- peer {p}")
     return notes
+
+
+def build_time_notes(prepared: dict) -> list[str]:
+    """Per model: how long preparing its edgevl bundles took, and how many were built (not reused
+    from the cache). A cold-cache run's line is the time a user pays to build every variant."""
+    per_model: dict[str, list] = {}
+    for key, p in prepared.items():
+        model, _, rest = key.partition("/")
+        if ":" in rest.partition("/")[0] or rest.startswith("pytorch") or not isinstance(p, dict):
+            continue                                  # peers and the PyTorch reference build nothing of edgevl's
+        entry = per_model.setdefault(model, [0.0, 0, 0])
+        entry[0] += float(p.get("prepare_s") or 0.0)
+        entry[1 if not p.get("reused") else 2] += 1
+    return [f"- {model}: edgevl bundles prepared in {s:.0f} s ({built} built, {reused} reused from the cache)"
+            for model, (s, built, reused) in per_model.items()]

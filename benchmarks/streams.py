@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgevl.benchmarks.trust import Trust, judge
+
 DEFAULT_PROMPT = "describe the image."       # a ~20-token caption: decode-heavy, where batching pays
 TARGET_RATIO = 2.0                           # N sources' total answers/s vs one source's
 
@@ -158,8 +160,9 @@ def markdown(doc: dict) -> str:
                      f"{lat.get('p50', float('nan')):.1f} | {lat.get('p99', float('nan')):.1f} | "
                      f"{r['cpu_ms_per_answer'] if r['cpu_ms_per_answer'] is not None else '-'} | {note} |")
     v = doc["verdict"]
+    flag = Trust.from_dict(v.get("trust")).flag()
     lines += ["", f"{v['sources']} sources (batched) vs 1 source: **{v['ratio']:.2f}x** total answers/s "
-              f"(target >= {TARGET_RATIO:g}x: {'met' if v['met'] else 'NOT met'})." if v["ratio"] is not None
+              f"(target >= {TARGET_RATIO:g}x: {'met' if v['met'] else 'NOT met'}). {flag}".rstrip() if v["ratio"] is not None
               else "ratio not available (a run had no answers)"]
     return "\n".join(lines) + "\n"
 
@@ -192,9 +195,10 @@ def main(argv=None) -> int:
     p.add_argument("--name", default="streams")
     args = p.parse_args(argv)
 
-    from edgevl.benchmarks.machine import machine_info
+    from edgevl.benchmarks.machine import load_now, machine_info
     from edgevl.pipelines.stream import default_threads
 
+    load_before = load_now()        # before any of this run's own work: what others were doing
     args.threads = args.threads or default_threads()
 
     def log(msg):
@@ -231,7 +235,10 @@ def main(argv=None) -> int:
         "runs": runs,
         "verdict": {"sources": args.sources, "ratio": round(ratio, 3) if ratio else None,
                     "target": TARGET_RATIO, "met": bool(ratio and ratio >= TARGET_RATIO),
-                    "batching_available": scheduler},
+                    "batching_available": scheduler,
+                    # one timed window per run: no spread to check; the load after measuring counts this
+                    # run's own pipeline threads (they may outnumber the cores), so only the start's load
+                    "trust": judge({}, load_before=load_before, load_after=None).to_dict()},
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -216,7 +216,8 @@ def describe(bundle: Bundle) -> str:
              f"  precision   {m.get('precision')}   target {m.get('target')}",
              f"  schema      v{m['schema_version']}, edgevl {m.get('edgevl_version')}, created {m.get('created', '?')}"]
     for name, part in m["parts"].items():
-        lines.append(f"  part {name:<8} {part['onnx']}")
+        lines.append(f"  part {name:<8} {part['onnx']}" + (f"   {part['precision']}: {part['method']}"
+                                                              if part.get("method") else ""))
         for kind in ("inputs", "outputs"):
             shown = [t for t in part.get(kind, []) if not t["name"].startswith(("past_key", "past_value", "present_"))]
             hidden = len(part.get(kind, [])) - len(shown)
@@ -233,7 +234,11 @@ def describe(bundle: Bundle) -> str:
     lines.append(f"  preprocess  {p['resize_mode']} to {p['size']} ({p['interpolation']}), mean {p['mean']}, std {p['std']}")
     lines.append(f"  prompt      {m['prompt']['template']!r}, {m['prompt']['image_seq_len']} image tokens")
     q = m.get("quantization")
-    if q:
+    if q and "selection" in q:
+        for part, sel in q["selection"].items():
+            timings = ", ".join(f"{k} {c['median_ms']:.1f} ms" for k, c in sel["candidates"].items())
+            lines.append(f"  chosen      {part}: {sel['chosen']} (measured on {sel['measured_on'].get('cpu')}: {timings})")
+    elif q:
         lines.append(f"  quantized   {q.get('method')} {q.get('scheme', '')}, float layers: {len(q.get('float_nodes', []))}")
     for name, rel in m.get("reports", {}).items():
         lines.append(f"  report      {name}: {rel}")

@@ -6,7 +6,8 @@
 3. run a camera-stream pipeline over a sample video of held-out scenes with the INT8 bundle,
    printing answers as they come, and score them against the video's ground truth
 4. a benchmark and accuracy summary: PyTorch eager FP32 vs the FP32 and INT8 bundles, same
-   machine, same questions, in one run
+   machine, same questions, in one run; a speed-up is printed plainly only when the passes agree
+   and the machine was not busy (edgevl.benchmarks.trust), and summary.json records the verdict
 """
 
 from __future__ import annotations
@@ -14,7 +15,13 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from edgevl.benchmarks.stats import DEFAULT_SPREAD_LIMIT, Summary, summarize
+from edgevl.benchmarks.trust import Trust, format_ratios, judge
+
+PASSES = 5          # timed passes over the questions per variant: enough samples for a spread
 
 
 def step(title: str) -> None:
@@ -31,17 +38,77 @@ def best_local_target() -> tuple[str, str]:
     return "onnxruntime", "ONNX Runtime runs Q/DQ INT8 on x86 and ARM CPUs"
 
 
-def time_questions(answer_one, questions, repeats: int = 1) -> list[float]:
-    """Milliseconds per question (one image + prompt -> greedy answer), after one warm-up."""
+def time_variants(variants: dict, questions, passes: int = PASSES) -> dict[str, list[float]]:
+    """Mean ms/question of each pass over ``questions`` (one image + prompt -> greedy answer), per
+    variant, after one warm-up call each. Variants take turns pass by pass, so load that comes and
+    goes hits them alike; a pass is the same work every time, so its spread is noise, not the
+    mix of short and long answers."""
     image, question = questions[0]
-    answer_one(image, question)
-    times = []
-    for _ in range(repeats):
-        for image, question in questions:
+    for answer_one in variants.values():
+        answer_one(image, question)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(passes):
+        for name, answer_one in variants.items():
             t = time.perf_counter()
-            answer_one(image, question)
-            times.append((time.perf_counter() - t) * 1e3)
+            for image, question in questions:
+                answer_one(image, question)
+            times[name].append((time.perf_counter() - t) * 1e3 / len(questions))
     return times
+
+
+@dataclass(frozen=True)
+class Timed:
+    """One variant's ms/question and, for all but the baseline, its speed-up and whether to trust it."""
+
+    name: str
+    ms: Summary
+    speedup: float | None = None
+    trust: Trust | None = None
+
+    def to_dict(self) -> dict:
+        return {"variant": self.name, "ms_per_question": self.ms.to_dict(2),
+                "speedup": None if self.speedup is None else round(self.speedup, 3),
+                "speedup_trust": self.trust.to_dict() if self.trust else None}
+
+
+def speed_rows(times: dict[str, list[float]], *, load_before: float | None, load_after: float | None,
+               cores: int, spread_limit: float = DEFAULT_SPREAD_LIMIT) -> list[Timed]:
+    """Summaries of ``times`` (the first variant is the baseline) with each speed-up's verdict."""
+    (base_name, base_times), *others = times.items()
+    base = summarize(base_times, spread_limit)
+    rows = [Timed(base_name, base)]
+    for name, values in others:
+        ms = summarize(values, spread_limit)
+        trust = judge({base_name: base, name: ms}, load_before=load_before, load_after=load_after, cores=cores,
+                      spread_limit=spread_limit)
+        rows.append(Timed(name, ms, base.p50 / ms.p50 if ms.p50 else None, trust))
+    return rows
+
+
+def summary_lines(rows: list[Timed], accuracy: dict[str, dict] | None = None) -> list[str]:
+    """The step-4 table; a speed-up that cannot be trusted is marked '!' (``speed_sentence`` says why)."""
+    accuracy = accuracy or {}
+    lines = [f"   {'variant':<22} {'ms/question':>11} {'(p10-p90)':>14} {'speed-up':>9} {'accuracy':>9}  by task"]
+    for row in rows:
+        acc = accuracy.get(row.name) or {}
+        speed = "1.00x" if row.trust is None else "n/a" if row.speedup is None else f"{row.speedup:.2f}x"
+        mark = "!" if row.trust is not None and not row.trust.ok else " "
+        by_task = " ".join(f"{k}={v:.2f}" for k, v in (acc.get("by_task") or {}).items())
+        score = f"{acc['accuracy']:>9.3f}" if "accuracy" in acc else f"{'-':>9}"
+        lines.append(f"   {row.name:<22} {row.ms.p50:>11.1f} {f'({_ms(row.ms.p10)}-{_ms(row.ms.p90)})':>14} "
+                     f"{speed:>8}{mark} {score}  {by_task}".rstrip())
+    return lines
+
+
+def _ms(value: float) -> str:
+    return f"{value:.{0 if value >= 100 else 1 if value >= 10 else 2}f}"
+
+
+def speed_sentence(rows: list[Timed]) -> str:
+    """One sentence with the speed-ups: plain only when they can be trusted, else flagged with why."""
+    measured = [(r.name, r.speedup, r.trust) for r in rows if r.trust is not None]
+    marked = " ('!' in the table)" if any(not t.ok for _, _, t in measured) else ""
+    return f"speed-up vs {rows[0].name}{marked}: {format_ratios(measured)}"
 
 
 def main(argv=None) -> int:
@@ -56,8 +123,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
 
     import edgevl
-    from edgevl.benchmarks.machine import machine_info
-    from edgevl.benchmarks.stats import summarize
+    from edgevl.benchmarks.machine import load_now, machine_info
+    from edgevl.benchmarks.report import write_json
     from edgevl.data.tasks import scene_qas
     from edgevl.data.world import make_scene
     from edgevl.evaluate import evaluate
@@ -86,28 +153,36 @@ def main(argv=None) -> int:
     for i in range(4):
         scene = make_scene("test", 1000 + i)
         questions += [(scene.image(), qa.question) for qa in scene_qas(scene)]
-    rows = [("pytorch eager fp32", lambda img, q: torch_answerer([img], [q])[0], torch_answerer)]
+    variants = {"pytorch eager fp32": lambda img, q: torch_answerer([img], [q])[0]}
+    answerers = {"pytorch eager fp32": torch_answerer}
     runtimes = []
     for name, bundle in (("fp32", fp32), ("int8", int8)):
         vlm = edgevl.load(bundle.path, backend=target, verbose=False)
         runtimes.append(vlm)
-        rows.append((f"{target} {name}", lambda img, q, v=vlm: v.generate(img, q, channels="rgb").text, vlm.answer))
-    print(f"   {'variant':<22} {'ms/question p50':>15} {'(p10-p90)':>14} {'speed-up':>9} {'accuracy':>9}  by task")
-    base = None
-    for name, one, answerer in rows:
-        ms = summarize(time_questions(one, questions, repeats=3))
-        base = base or ms.p50
-        res = evaluate(answerer, n=args.scenes)
-        by_task = " ".join(f"{k}={v:.2f}" for k, v in res["by_task"].items())
-        print(f"   {name:<22} {ms.p50:>15.1f} {f'({ms.p10:.0f}-{ms.p90:.0f})':>14} {base / ms.p50:>8.2f}x "
-              f"{res['accuracy']:>9.3f}  {by_task}")
+        variants[f"{target} {name}"] = lambda img, q, v=vlm: v.generate(img, q, channels="rgb").text
+        answerers[f"{target} {name}"] = vlm.answer
+    print(f"   timing {len(variants)} variants, {PASSES} interleaved passes over {len(questions)} questions, "
+          f"then accuracy on {args.scenes} scenes", flush=True)
+    load_before = load_now()
+    times = time_variants(variants, questions)
+    rows = speed_rows(times, load_before=load_before, load_after=load_now(), cores=machine["usable_cores"])
+    accuracy = {name: evaluate(answerer, n=args.scenes) for name, answerer in answerers.items()}
     for vlm in runtimes:
         vlm.close()
+    print("\n".join(summary_lines(rows, accuracy)))
     score = stream["score"]
     if score.get("checked"):
         print(f"   stream: {score['correct']}/{score['checked']} live answers matched the video's ground truth")
-    print(f"\n   accuracy on {args.scenes} held-out scenes, {len(questions)} questions x 3 timed per variant on this "
-          f"machine; full benchmarks: `edgevl bench` (README)")
+    verdict = sum((r.trust for r in rows if r.trust), Trust())
+    summary = write_json({
+        "machine": machine, "target": target, "questions": len(questions), "passes": PASSES,
+        "speedup_verdict": verdict.to_dict(),        # all speed-ups together; each variant has its own too
+        "variants": [dict(r.to_dict(), accuracy=accuracy[r.name]["accuracy"], accuracy_by_task=accuracy[r.name]["by_task"])
+                     for r in rows],
+        "accuracy_scenes": args.scenes, "stream_score": score}, out / "summary.json")
+    print(f"\n   ms/question: a pass over the {len(questions)} questions, median (p10-p90) of {PASSES} passes; "
+          f"accuracy on {args.scenes} held-out scenes; JSON {summary}; full benchmarks: `edgevl bench` (README)")
+    print(f"   {speed_sentence(rows)}")
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; bundles and stream outputs under {out}/")
     return 0
 

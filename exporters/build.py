@@ -14,9 +14,15 @@ What each precision means per target (CPU targets have no useful FP16 here):
 | fp16      | refused: the CPU EP runs FP16   | IR with FP16 weights, f16 inference:   | FP16 engines           |
 |           | graphs through casts, slower    | for GPU/NPU/ARM/AMX-FP16 CPUs; runners |                        |
 |           | than FP32                       | refuse it on CPUs without FP16         |                        |
-| int8      | Q/DQ ONNX, uint8 activations    | NNCF INT8 IR (+ int8 Q/DQ ONNX)        | INT8 engines from Q/DQ |
+| int8      | the fastest deployment: per part the fastest measured candidate that   | INT8 engines from Q/DQ |
+| int4      | keeps the accuracy gate (INT8 vision, INT8 or INT4 weight-only decoder;| int4: refused          |
+|           | quantize/composite.py)                                                 |                        |
+| int8-qdq  | Q/DQ ONNX, uint8 activations    | NNCF INT8 IR (+ int8 Q/DQ ONNX)        | = int8                 |
 | int8-wo   | MatMulNBits 8-bit decoder       | NNCF INT8_SYM weight-compressed IR     | refused (no MatMulNBits|
 | int4-wo   | MatMulNBits 4-bit decoder       | NNCF INT4_SYM (group = block) IR       | in TensorRT)           |
+
+The FP32 export every precision starts from is cached by checkpoint content
+(exporters/export_cache.py), so building several precisions of one checkpoint exports it once.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from edgevl.bundle import MANIFEST, Bundle, BundleWriter, load_bundle
 from edgevl.errors import BackendUnavailable, BundleError, ConfigError
 
 TARGETS = ("onnxruntime", "openvino", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8", "int8-wo", "int4-wo")
+PRECISIONS = ("fp32", "fp16", "int8", "int4", "int8-qdq", "int8-wo", "int4-wo")
+COMPOSITE = ("int8", "int4")        # composed per part by measurement (quantize/composite.py)
 OPENVINO_DIR = "openvino"
 
 
@@ -45,7 +52,7 @@ def check_request(target: str, precision: str, out: Path, force: bool) -> None:
         raise ConfigError("--precision fp16 is not offered for --target onnxruntime: ONNX Runtime's CPU execution "
                           "provider runs FP16 graphs through casts around most ops, slower than FP32. Use fp32 or "
                           "int8 for CPUs, --target openvino for FP16 IR (GPU/NPU), or --target tensorrt")
-    if target == "tensorrt" and precision.endswith("-wo"):
+    if target == "tensorrt" and (precision.endswith("-wo") or precision == "int4"):
         raise ConfigError(f"--precision {precision} is not available for --target tensorrt: weight-only bundles use "
                           "ONNX Runtime's MatMulNBits contrib op, which TensorRT does not run; use int8 or fp16")
     if target == "openvino" and importlib.util.find_spec("openvino") is None:
@@ -87,7 +94,7 @@ def finish(staged: Bundle, out: Path, target: str, precision: str, force: bool, 
         manifest = {k: v for k, v in staged.manifest.items() if k != "files"}
         writer.manifest.update(manifest)
         writer.manifest["target"] = target
-        writer.manifest["precision"] = precision
+        writer.manifest["precision"] = "int8" if precision == "int8-qdq" else precision
         if target == "openvino":
             add_openvino_ir(writer, precision, log)
         return writer.commit()
@@ -102,14 +109,14 @@ def build_bundle(model, target: str, precision: str, out, calib=None, force: boo
                  progress: bool = True, compile_options: dict | None = None) -> Bundle:
     """Export ``model``, quantize to ``precision``, compile for ``target``; -> the bundle at ``out``.
     ``activations`` (int8): "uint8" for --target onnxruntime (x86 kernels), else "int8"."""
-    from edgevl.exporters.export import export_model
+    from edgevl.exporters.export_cache import cached_export
 
     out = Path(out)
     check_request(target, precision, out, force)
-    if precision == "int8" and calib is None:
+    if precision in ("int8", "int8-qdq") and calib is None:
         calib = "world"
         log("build: no --calib given; calibrating on the synthetic world's scenes (pass --calib for your own data)")
-    stages = ["export"] + (["quantize"] if precision in ("int8", "int8-wo", "int4-wo") else []) + ["compile"]
+    stages = ["export"] + (["quantize"] if precision not in ("fp32", "fp16") else []) + ["compile"]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -126,7 +133,7 @@ def build_bundle(model, target: str, precision: str, out, calib=None, force: boo
     out.parent.mkdir(parents=True, exist_ok=True)
     stage_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.build.", dir=out.parent))
     try:
-        current = export_model(model, stage_dir / "fp32", log=log)
+        current = cached_export(model, stage_dir / "fp32", log=log)
         advance("exported")
         activations = activations or ("uint8" if target == "onnxruntime" else "int8")
         current = _quantize_stage(current, stage_dir, target, precision, calib, method, samples, budget, accept_loss,
@@ -138,7 +145,7 @@ def build_bundle(model, target: str, precision: str, out, calib=None, force: boo
 
             staged = finish(current, stage_dir / "final", target, precision, True, log)
             options = dict(compile_options or {})
-            options["precision"] = {"fp32": "fp32", "fp16": "fp16", "int8": "int8"}[precision]
+            options["precision"] = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int8-qdq": "int8"}[precision]
             result = compile_bundle(staged, "tensorrt", out=out, force=force, log=log, **options)
         else:
             result = finish(current, out, target, precision, force, log)
@@ -155,7 +162,14 @@ def _quantize_stage(fp32: Bundle, stage_dir: Path, target, precision, calib, met
                     eval_scenes, block_size, activations, threads, log) -> Bundle:
     if precision in ("fp32", "fp16"):
         return fp32
-    if precision == "int8":
+    if precision in COMPOSITE and target != "tensorrt":
+        from edgevl.exporters.quantize.composite import CompositeRecipe, composite_bundle
+
+        recipe = CompositeRecipe(decoder_bits=8 if precision == "int8" else 4, block_size=block_size)
+        return composite_bundle(fp32, stage_dir / precision, target, recipe, calib=calib or "world",
+                                budget_points=budget, accept_loss=accept_loss, eval_scenes=eval_scenes,
+                                threads=threads, log=log)
+    if precision in ("int8", "int8-qdq"):
         from edgevl.exporters.quantize.ptq import quantize_bundle
         from edgevl.exporters.quantize.recipes import PTQRecipe
 

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")   # nncf's JIT build can pass 60 s on 2 cores
+# Tests never read or write the user's caches (FP32 exports, measured candidates): one per session.
+_CACHE = tempfile.mkdtemp(prefix="edgevl-test-cache-")
+os.environ["EDGEVL_CACHE"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, True)
 
 
 def has_module(name: str) -> bool:

@@ -189,3 +189,13 @@ def test_precision_can_be_limited_to_one_model():
     setups = plan_setups(["edgevl-tiny", "big"], ["onnxruntime"], ["fp32", "int8@edgevl-tiny"])
     rows = [(s.model, s.precision) for s in setups if s.backend == "onnxruntime"]
     assert rows == [("edgevl-tiny", "fp32"), ("edgevl-tiny", "int8"), ("big", "fp32")]
+
+
+def test_untrustworthy_speedups_are_marked_with_reasons(doc):
+    fast = _row(doc, FAST, 1)
+    trust = fast["speedup_trust"]                                    # 2 rounds: too few samples to trust
+    assert trust["trustworthy"] is False and any("fewer than 5" in r for r in trust["reasons"])
+    assert set(fast["speedups_trust"]) == {"vision", "ttft", "decode", "e2e"}
+    text = markdown(doc)
+    assert f"{fast['speedup_vs_torch']:.2f}x e2e !" in text
+    assert "- ratios marked ! or (not trustworthy): [not trustworthy: " in text and "rerun on a quiet machine]" in text

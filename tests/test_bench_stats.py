@@ -98,3 +98,52 @@ def test_machine_info_has_the_fields_results_need():
     assert set(info["has"]) == {"avx512", "vnni", "bf16", "amx"}
     assert info["libraries"]["numpy"] == np.__version__
     assert not math.isnan(info["cores"])
+
+
+# -- trust.py: whether a ratio may be printed plainly ------------------------------------------
+from edgevl.benchmarks.trust import Trust, format_ratio, format_ratios, judge, load_reason  # noqa: E402
+
+TIGHT = [100.0, 101.0, 99.0, 100.5, 99.5, 100.2]
+FAST = [21.0, 21.2, 21.1, 20.9, 21.3]
+
+
+def test_a_tight_sample_on_a_quiet_machine_is_trusted():
+    t = judge({"pytorch": TIGHT, "openvino int8": FAST}, load_before=0.4, load_after=1.9, cores=2)
+    assert t.ok and t.reasons == () and t.flag() == ""
+    assert format_ratio(4.734, t) == "4.73x"
+    assert t.to_dict()["trustworthy"] is True
+
+
+def test_a_wide_spread_is_flagged_with_its_numbers():
+    wide = [26.0, 300.0, 1123.9, 1200.0, 1225.0, 1100.0]
+    t = judge({"pytorch": wide, "openvino int8": FAST}, load_before=0.2, load_after=0.3, cores=2)
+    assert not t.ok and len(t.reasons) == 1
+    assert t.reasons[0].startswith("pytorch spread ") and "ms is" in t.reasons[0] and "of its median (limit 25%)" in t.reasons[0]
+    text = format_ratio(53.03, t)
+    assert text.startswith("53.03x  [not trustworthy: pytorch spread") and text.endswith("rerun on a quiet machine]")
+
+
+def test_a_busy_machine_is_flagged_before_or_while_measuring():
+    t = judge({"pytorch": TIGHT, "openvino int8": FAST}, load_before=1.0, load_after=2.9, cores=2)
+    assert t.reasons == ("machine load 2.9 while measuring on 2 cores",)
+    t = judge({"pytorch": TIGHT}, load_before=3.5, load_after=2.9, cores=2)
+    assert t.reasons == ("machine load 3.5 before / 2.9 while measuring on 2 cores",)
+    assert judge({}, load_before=3.0, load_after=None, cores=4).ok          # 3 runnable threads on 4 cores
+    assert load_reason(1.5, None, 2, limit=1.0) == "machine load 1.5 before measuring on 2 cores"
+    assert load_reason(None, None, 2) is None
+
+
+def test_too_few_samples_are_flagged():
+    t = judge({"pytorch": [100.0, 101.0, 99.0], "openvino int8": []}, load_before=None, load_after=None, cores=2)
+    assert t.reasons == ("pytorch has 3 samples, fewer than 5", "openvino int8 has 0 samples, fewer than 5")
+
+
+def test_verdicts_add_up_and_survive_json():
+    busy = judge({"a": TIGHT}, load_before=None, load_after=3.0, cores=2)
+    wide = judge({"b": [1.0, 2.0, 3.0, 4.0, 5.0]}, load_before=None, load_after=3.0, cores=2)
+    both = busy + wide
+    assert both.reasons == (wide.reasons[0], busy.reasons[0]) and both.load_after == 3.0   # spread, then load
+    assert Trust.from_dict(both.to_dict()) == both and Trust.from_dict(None).ok
+    assert format_ratios([("x", 2.0, busy), ("y", 3.0, busy)]).startswith("x 2.00x, y 3.00x  [not trustworthy: machine")
+    assert format_ratios([("x", 2.0, Trust()), ("y", 3.0, busy)]).startswith("x 2.00x; y 3.00x  [not trustworthy")
+    assert format_ratios([("x", 2.0, busy), ("y", 3.0, wide)]) == f"x 2.00x, y 3.00x  {both.flag()}"

@@ -68,14 +68,14 @@ def test_build_onnxruntime_fp32_sets_target_and_precision(tmp_path):
 @needs_torch
 @needs_openvino
 @pytest.mark.slow
-def test_build_openvino_int8_writes_nncf_ir_that_runs_int8(tmp_path):
+def test_build_openvino_int8_qdq_writes_nncf_ir_that_runs_int8(tmp_path):
     import openvino as ov
 
     import edgevl
     from edgevl.exporters.build import build_bundle
     from edgevl.exporters.quantize.openvino_int8 import int8_executed_ops
 
-    bundle = build_bundle("edgevl-tiny", "openvino", "int8", tmp_path / "out", calib="world", samples=8,
+    bundle = build_bundle("edgevl-tiny", "openvino", "int8-qdq", tmp_path / "out", calib="world", samples=8,
                           eval_scenes=2, accept_loss=True, log=lambda *a: None, progress=False)
     assert bundle.manifest["target"] == "openvino" and bundle.precision == "int8"
     for part in ("vision", "decoder", "embed"):

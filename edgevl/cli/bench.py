@@ -13,7 +13,8 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help="comma-separated: edgevl-tiny, smolvlm-256m-shaped, or checkpoint directories")
+                   help="comma-separated: edgevl-tiny, smolvlm-256m-shaped, llava-shaped, or checkpoint "
+                        "directories")
     p.add_argument("--targets", default="onnxruntime,openvino", help="backends (default onnxruntime,openvino)")
     p.add_argument("--precisions", default="fp32", help="e.g. fp32,int8; int8@MODEL limits a precision to one model")
     p.add_argument("--batch", default="1,8", help="vision batch sizes; every size is a row (default 1,8)")

@@ -8,9 +8,11 @@ import argparse
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="'edgevl-tiny' or a local checkpoint directory")
     p.add_argument("--target", required=True, choices=["onnxruntime", "openvino", "tensorrt"])
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int8-wo", "int4-wo"],
-                   help="fp16: OpenVINO IR / TensorRT only; int8: static Q/DQ; *-wo: decoder weight-only")
-    p.add_argument("--calib", default=None, help="calibration data for int8 (folder, video, .npy, 'world'; default world)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4", "int8-qdq", "int8-wo", "int4-wo"],
+                   help="int8 / int4: the fastest deployment, each part's recipe chosen by timing its candidates on "
+                        "this machine (INT8 vision, INT8 or INT4 weight-only decoder; TensorRT: int8 = Q/DQ engines); "
+                        "int8-qdq: static Q/DQ everywhere; *-wo: decoder weight-only; fp16: OpenVINO IR / TensorRT only")
+    p.add_argument("--calib", default=None, help="calibration data for int8 / int8-qdq (folder, video, .npy, 'world'; default world)")
     p.add_argument("--method", default="percentile", choices=["minmax", "entropy", "percentile"])
     p.add_argument("--samples", type=int, default=64, help="calibration images (default 64)")
     p.add_argument("--block-size", type=int, default=None,

@@ -181,8 +181,9 @@ def check_report(bundle_path, backend: str | None = None, threads: int | None = 
         raise BundleError("--check-report needs a bundle directory")
     bundle = load_bundle(bundle_path)
     report = bundle.report("accuracy")
-    if not report or "tasks" not in report:
-        raise BundleError(f"{bundle.path} has no accuracy report with task results (quantized bundles have one)")
+    if not report or not report.get("tasks"):
+        why = (report or {}).get("tasks_skipped", "quantized bundles of edgevl-tiny have one")
+        raise BundleError(f"{bundle.path} has no accuracy report with task results ({why})")
     tasks = report["tasks"]
     recorded = tasks["backends"]
     backends = [backend] if backend else [b for b in recorded if is_installed(b)]

@@ -1,0 +1,474 @@
+"""`edgevl build --precision int8 | int4`: the fastest deployment, composed per part and chosen
+by measurement on the machine that builds.
+
+No single INT8 recipe is fastest everywhere (../shared/MEASURED.md item 17): on a 2-core AMD
+EPYC with AVX2 only, ONNX Runtime's dynamic INT8 ran the SmolVLM-shaped vision tower 1.49x faster
+than FP32 while OpenVINO's NNCF static INT8 ran *slower* than FP32; on an Intel Xeon with AMX
+NNCF INT8 ran 5.1x PyTorch and dynamic beat static Q/DQ on ONNX Runtime. So each part gets
+candidates, each candidate is timed here (interleaved rounds, medians) and checked against FP32
+on held-out inputs, and the fastest that keeps the accuracy gate is written:
+
+| part    | onnxruntime candidates                           | openvino candidates                        |
+|---------|--------------------------------------------------|--------------------------------------------|
+| vision  | fp32, dynamic INT8 (per tensor / per channel,    | fp32 IR, NNCF static INT8 IR, NNCF INT8    |
+|         | int8 or uint8 weights), static Q/DQ (MinMax)     | weight compression                         |
+| embed   | fp32, INT8 table (dynamic Gather quantization)   | fp32                                       |
+| decoder | weight-only MatMulNBits (8 or 4 bits, integer    | NNCF INT8_SYM / INT4_SYM weights           |
+|         | compute: accuracy_level 4)                       |                                            |
+
+The manifest records each part's precision and method and, under
+``quantization.selection``, every candidate's timing and cosine with the machine they were
+measured on, so a bundle says why it holds what it holds. The gate: every part's output cosine vs
+FP32 >= ``min_cosine`` on held-out inputs, and for models with a task of their own (edgevl-tiny)
+the accuracy budget in points; when the budget fails, the next-fastest vision candidate is tried
+before giving up. `int8-qdq`, `int8-wo` and `int4-wo` stay available as explicit recipes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgevl.errors import AccuracyBudgetExceeded, ConfigError, QuantizationError
+
+OPENVINO_DIR = "openvino"
+VISION_CANDIDATES = {
+    "onnxruntime": ("fp32", "dynamic-int8", "dynamic-int8-per-channel", "dynamic-uint8", "static-qdq"),
+    "openvino": ("fp32", "nncf-int8", "nncf-int8-weights"),
+}
+
+
+@dataclass(frozen=True)
+class CompositeRecipe:
+    decoder_bits: int = 8                    # 8: `int8`, 4: `int4`
+    block_size: int | None = None            # weight-only blocks (default per backend, recipes.py)
+    min_cosine: float = 0.99                 # every part's output vs FP32 on held-out inputs
+    embed_min_cosine: float = 0.999          # an embedding table is cheap to keep in float
+    rounds: int = 5                          # interleaved timing rounds per candidate
+    calib_samples: int = 16                  # images for the static INT8 candidates (NNCF, Q/DQ)
+    held_out_images: int = 4                 # for the parity report and the gate
+    vision_candidates: tuple[str, ...] | None = None   # None: every candidate of the target
+
+    @property
+    def precision(self) -> str:
+        return f"int{self.decoder_bits}"
+
+    def validate(self, target: str) -> "CompositeRecipe":
+        if self.decoder_bits not in (4, 8):
+            raise ConfigError(f"decoder bits must be 4 or 8, got {self.decoder_bits}")
+        known = VISION_CANDIDATES.get(target)
+        if known is None:
+            raise ConfigError(f"--precision {self.precision} composes recipes for {', '.join(VISION_CANDIDATES)}; "
+                              f"for --target {target} use int8-qdq")
+        unknown = [c for c in self.vision_candidates or () if c not in known]
+        if unknown:
+            raise ConfigError(f"unknown vision candidate(s) {unknown} for {target}; known: {', '.join(known)}")
+        if self.rounds < 1 or self.held_out_images < 1:
+            raise ConfigError("rounds and held_out_images must be at least 1")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Candidate:
+    name: str
+    path: Path                    # where the candidate file lies now
+    precision: str
+    method: str
+    build_s: float = 0.0
+    timing: dict = field(default_factory=dict)
+    cosine: float | None = None
+
+    def summary(self) -> dict:
+        return {"precision": self.precision, "method": self.method, "build_s": round(self.build_s, 1),
+                **self.timing, "cosine": None if self.cosine is None else round(self.cosine, 6)}
+
+
+def _built(name, precision, method, make, path: Path) -> Candidate:
+    t = time.perf_counter()
+    make(path)
+    return Candidate(name, path, precision, method, time.perf_counter() - t)
+
+
+def _dynamic(src: Path, out: Path, weight_type: str, per_channel: bool = False, op_types=("MatMul",)) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from edgevl.exporters.quantize.qdq import clamp_ir_version, quiet
+
+    with quiet():
+        quantize_dynamic(str(src), str(out), weight_type=getattr(QuantType, weight_type), per_channel=per_channel,
+                         op_types_to_quantize=list(op_types))
+    clamp_ir_version(out)
+
+
+def vision_candidates(src, target: str, work: Path, names, calib_feeds) -> list[Candidate]:
+    """Build each named vision candidate of ``target`` into ``work``."""
+    fp32 = src.part_file("vision")
+    out = []
+    for name in names:
+        if name == "fp32" and target == "onnxruntime":
+            out.append(Candidate("fp32", fp32, "fp32", "FP32 ONNX"))
+        elif name.startswith("dynamic-"):
+            wt = "QUInt8" if name == "dynamic-uint8" else "QInt8"
+            per_channel = name.endswith("per-channel")
+            method = (f"onnxruntime quantize_dynamic ({wt} weights, {'per channel' if per_channel else 'per tensor'}, "
+                      "activations quantized per call)")
+            out.append(_built(name, "int8", method, lambda p: _dynamic(fp32, p, wt, per_channel), work / f"{name}.onnx"))
+        elif name == "static-qdq":
+            method = (f"static Q/DQ (MinMax over {len(calib_feeds)} calibration images, per-channel int8 weights, "
+                      "uint8 activations)")
+            out.append(_built(name, "int8", method, lambda p: _static_qdq(fp32, p, calib_feeds), work / f"{name}.onnx"))
+        elif name == "fp32":
+            out.append(_built(name, "fp32", "FP32 IR (f32 inference hint)", lambda p: _save_ir(fp32, p),
+                              work / "fp32.xml"))
+        elif name == "nncf-int8":
+            from edgevl.exporters.quantize.openvino_int8 import nncf_quantize_openvino
+
+            out.append(_built(name, "int8", f"NNCF static INT8 IR (nncf.quantize, {len(calib_feeds)} calibration images)",
+                              lambda p: nncf_quantize_openvino(fp32, p, calib_feeds), work / "nncf-int8.xml"))
+        elif name == "nncf-int8-weights":
+            out.append(_built(name, "int8", "NNCF INT8_ASYM weight compression (activations float)",
+                              lambda p: _compress_ir(fp32, p), work / "nncf-int8-weights.xml"))
+    return out
+
+
+def _static_qdq(src: Path, out: Path, calib_feeds: list[dict]) -> None:
+    from edgevl.exporters.quantize import qdq
+    from edgevl.exporters.quantize.recipes import PTQRecipe
+
+    op_types = PTQRecipe().op_types
+    cache = out.with_suffix(".ranges.json")
+    qdq.calibrate(src, calib_feeds, cache, "minmax", op_types)
+    qdq.quantize(src, out, cache, "minmax", op_types, activations="uint8")
+    cache.unlink(missing_ok=True)
+
+
+def _save_ir(src: Path, out: Path) -> None:
+    import openvino as ov
+
+    ov.save_model(ov.Core().read_model(str(src)), str(out), compress_to_fp16=False)
+
+
+def _compress_ir(src: Path, out: Path) -> None:
+    import nncf
+    import openvino as ov
+
+    from edgevl.exporters.quantize.qdq import quiet
+
+    with quiet():
+        model = nncf.compress_weights(ov.Core().read_model(str(src)), mode=nncf.CompressWeightsMode.INT8_ASYM)
+    ov.save_model(model, str(out), compress_to_fp16=False)
+
+
+def _runner(backend: str, path: Path, precision: str, threads):
+    from edgevl.runtimes.registry import get_runner_class
+
+    return get_runner_class(backend)(path, precision=precision, threads=threads)
+
+
+def measure(candidates: list[Candidate], backend: str, feeds: list[dict], reference: list[dict], rounds: int,
+            threads=None, log=print) -> None:
+    """Time every candidate on ``feeds[0]`` in interleaved rounds (after one warm-up call each) and
+    take its worst cosine vs ``reference`` over all feeds; fills ``timing`` and ``cosine``."""
+    from edgevl.runtimes.compare import diff_outputs
+
+    runners = {c.name: _runner(backend, c.path, c.precision, threads) for c in candidates}
+    samples: dict[str, list[float]] = {c.name: [] for c in candidates}
+    try:
+        for c in candidates:
+            r = runners[c.name]
+            outs = [r.infer(f) for f in feeds]
+            c.cosine = min(d.cosine for o, ref in zip(outs, reference) for d in diff_outputs(ref, o))
+        for _ in range(rounds):
+            for c in candidates:
+                time.sleep(0.05)           # ONNX Runtime's spinning threads go quiet (MEASURED.md 2)
+                t = time.perf_counter()
+                runners[c.name].infer(feeds[0])
+                samples[c.name].append((time.perf_counter() - t) * 1e3)
+    finally:
+        for r in runners.values():
+            r.close()
+    for c in candidates:
+        s = np.asarray(samples[c.name])
+        c.timing = {"median_ms": round(float(np.median(s)), 2), "p10_ms": round(float(np.percentile(s, 10)), 2),
+                    "p90_ms": round(float(np.percentile(s, 90)), 2), "runs": len(s)}
+        log(f"    {c.name:<26} {c.timing['median_ms']:9.1f} ms (p10 {c.timing['p10_ms']:.1f}, p90 "
+            f"{c.timing['p90_ms']:.1f}), cosine {c.cosine:.5f}")
+
+
+def ranked(candidates: list[Candidate], min_cosine: float) -> list[Candidate]:
+    """Candidates that keep the gate, fastest first."""
+    return sorted((c for c in candidates if c.cosine is not None and c.cosine >= min_cosine),
+                  key=lambda c: c.timing["median_ms"])
+
+
+def selection_record(part: str, backend: str, candidates: list[Candidate], chosen: Candidate, gate: float) -> dict:
+    from edgevl.benchmarks.machine import machine_info
+
+    m = machine_info()
+    return {"part": part, "backend": backend, "chosen": chosen.name, "min_cosine": gate,
+            "measured_on": {"cpu": m.get("cpu"), "flags": m.get("flags"), "cores": m.get("usable_cores"),
+                            "load_average": [round(x, 2) for x in os.getloadavg()]},
+            "candidates": {c.name: c.summary() for c in candidates}}
+
+
+def _decoder(src, writer, target: str, recipe: CompositeRecipe, log) -> dict:
+    """The weight-only decoder: MatMulNBits for ONNX Runtime (the part's ONNX, which OpenVINO
+    reads too), NNCF-compressed IR for OpenVINO."""
+    from edgevl.exporters.quantize.recipes import WeightOnlyRecipe, default_block_size, weight_only_backends
+    from edgevl.exporters.quantize.weight_only import matmul_nbits, nncf_compress_openvino
+
+    backends = weight_only_backends(target)
+    wo = WeightOnlyRecipe(bits=recipe.decoder_bits, block_size=recipe.block_size or default_block_size(backends),
+                          backends=backends).validate()
+    rel = src.parts["decoder"]["onnx"]
+    t = time.perf_counter()
+    info = {"onnxruntime": matmul_nbits(src.part_file("decoder"), writer.file(rel), wo)}
+    method = f"weight-only INT{wo.bits} MatMulNBits (blocks of {wo.block_size}, accuracy_level {wo.accuracy_level})"
+    if target == "openvino":
+        ir = f"{OPENVINO_DIR}/decoder.xml"
+        info["openvino"] = nncf_compress_openvino(src.part_file("decoder"), writer.file(ir), wo)
+        writer.manifest["parts"]["decoder"]["artifacts"] = {"openvino": ir}
+        method = f"weight-only NNCF {info['openvino']['mode'].upper()} IR" + (
+            f" (groups of {wo.block_size})" if wo.bits == 4 else "")
+    spec = writer.manifest["parts"]["decoder"]
+    spec["precision"], spec["method"] = f"int{wo.bits}", method
+    log(f"  decoder: {method} in {time.perf_counter() - t:.1f} s")
+    return {"precision": f"int{wo.bits}", "method": method, "recipe": wo.to_dict(), "tools": info}
+
+
+def _place(writer, part: str, target: str, chosen: Candidate, src) -> None:
+    """Write the chosen candidate into the bundle as the part's ONNX (ONNX Runtime) or as its
+    OpenVINO artefact (the FP32 ONNX then stays the part's portable file)."""
+    import shutil
+
+    spec = writer.manifest["parts"][part]
+    if chosen.path.suffix == ".xml":
+        rel = f"{OPENVINO_DIR}/{part}.xml"
+        shutil.copyfile(chosen.path, writer.file(rel))
+        shutil.copyfile(chosen.path.with_suffix(".bin"), writer.file(rel[:-4] + ".bin"))
+        writer.copy_in(src.part_file(part), spec["onnx"])
+        spec["artifacts"] = {"openvino": rel}
+    else:
+        writer.copy_in(chosen.path, spec["onnx"])
+    spec["precision"], spec["method"] = chosen.precision, chosen.method
+
+
+def composite_bundle(bundle, out, target: str, recipe: CompositeRecipe = CompositeRecipe(), calib="world",
+                     budget_points: float = 1.0, accept_loss: bool = False, eval_scenes: int = 200,
+                     threads: int | None = None, force: bool = False, log=print):
+    """Write the ``int8`` / ``int4`` bundle of an FP32 bundle for ``target`` -> Bundle."""
+    import tempfile
+
+    from edgevl.exporters.quantize.calibration import parse_source, vision_feeds
+    from edgevl.exporters.quantize.decoder_feeds import held_out_feeds
+    from edgevl.exporters.quantize.derive import as_bundle, derived_writer, require_fp32, staged_bundle, tool_versions
+    from edgevl.exporters.quantize.report import (REPORT_FILE, AccuracyEvaluator, budget_verdict, parts_report,
+                                                  summary_lines)
+
+    recipe.validate(target)
+    t0 = time.perf_counter()
+    src = as_bundle(bundle)
+    require_fp32(src, f"--precision {recipe.precision}")
+    missing = [p for p in ("vision", "embed", "decoder") if p not in src.parts]
+    if missing:
+        raise QuantizationError(f"{src.path} has no part(s) {missing}; the composite recipe needs vision, embed and "
+                                "decoder")
+    log(f"composite: {src.path} -> {out} ({recipe.precision} for {target}: each part's candidates timed on this "
+        "machine)")
+    held, ref_vision = _held_out(src, recipe.held_out_images, threads)
+    writer = derived_writer(src, out, ["vision", "embed", "decoder"], force=force)
+    work = Path(tempfile.mkdtemp(prefix=".candidates.", dir=writer.tmp.parent))
+    try:
+        names = recipe.vision_candidates or VISION_CANDIDATES[target]
+        store = _candidate_store(src, target, names, recipe, calib)
+        cands = _load_measured(store, src.part_file("vision"), log) if store else None
+        if cands is None:
+            calib_feeds = vision_feeds(parse_source(calib), src.manifest["preprocess"], recipe.calib_samples) \
+                if {"nncf-int8", "static-qdq"} & set(names) else []
+            log(f"  vision candidates on {target} ({recipe.rounds} interleaved rounds, batch 1):")
+            cands = vision_candidates(src, target, store or work, names, calib_feeds)
+            measure(cands, target, held["vision"], ref_vision, recipe.rounds, threads, log)
+            if store:
+                _save_measured(store, cands)
+        order = ranked(cands, recipe.min_cosine)
+        if not order:
+            raise QuantizationError(f"no vision candidate kept cosine >= {recipe.min_cosine} vs FP32")
+        embed = _embed(src, writer, target, work, recipe, threads, log)
+        decoder = _decoder(src, writer, target, recipe, log)
+        backends = (target,)
+        evaluator = AccuracyEvaluator.for_bundle(src, backends, eval_scenes, "val", 0, threads, log=log)
+        for chosen in order:
+            _place(writer, "vision", target, chosen, src)
+            log(f"  vision: {chosen.name} ({chosen.method})")
+            writer.manifest["precision"] = recipe.precision
+            staged = staged_bundle(writer)
+            tasks = evaluator.tasks(staged) if evaluator.metric != "none" else None
+            verdict = budget_verdict(evaluator.losses(tasks) if tasks else {}, budget_points, evaluator.metric,
+                                     accept_loss)
+            if verdict["passed"] or accept_loss or chosen is order[-1]:
+                break
+            log(f"  {chosen.name} breaks the budget ({verdict['loss']}); trying the next-fastest vision candidate")
+        report = {"reference": {"bundle": str(src.path), "precision": "fp32", "backend": "onnxruntime"},
+                  "held_out": {"source": "world:test:12345", "feeds": {p: len(f) for p, f in held.items()}},
+                  "parts": parts_report(src, staged, ["vision", "decoder"], held, backends, threads),
+                  "tasks": tasks,
+                  **({} if tasks else {"tasks_skipped": "no task accuracy for this model family; the gate is the "
+                                                        f"parts' cosine >= {recipe.min_cosine}"}),
+                  "budget": verdict}
+        worst = min(r["outputs"]["image_embeds"]["cosine"] for r in report["parts"]["vision"].values())
+        report["gate"] = {"image_embeds_cosine": worst, "min_cosine": recipe.min_cosine,
+                          "passed": worst >= recipe.min_cosine}
+        writer.write_json(REPORT_FILE, report)
+        writer.manifest.setdefault("reports", {})["accuracy"] = REPORT_FILE
+        writer.manifest["quantization"] = {
+            "scheme": f"composite {recipe.precision}: the fastest measured recipe per part",
+            "parts": {p: {"precision": writer.manifest["parts"][p].get("precision", "fp32"),
+                          "method": writer.manifest["parts"][p].get("method", "FP32")}
+                      for p in writer.manifest["parts"]},
+            "decoder": decoder,
+            "selection": {"vision": selection_record("vision", target, cands, chosen, recipe.min_cosine),
+                          "embed": embed},
+            "activations": "dynamic INT8 where a part is dynamic, else float", "recipe": recipe.to_dict(),
+            "versions": tool_versions()}
+        for line in summary_lines(report):
+            log(line)
+        if not report["gate"]["passed"] and not accept_loss:
+            raise AccuracyBudgetExceeded(f"{recipe.precision}: image embeddings cosine {worst:.4f} < "
+                                         f"{recipe.min_cosine} vs FP32 on held-out images; no bundle was written",
+                                         report)
+        if not verdict["passed"] and not accept_loss:
+            raise AccuracyBudgetExceeded(
+                f"{recipe.precision} loses {verdict['worst_loss']:.2f} points of {verdict['metric']} vs FP32 (budget "
+                f"{budget_points}) with every vision candidate; no bundle was written. Try int8-wo or --accept-loss",
+                report)
+        result = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    log(f"composite: wrote {result.path} in {time.perf_counter() - t0:.1f} s")
+    return result
+
+
+_HELD_OUT: dict = {}
+
+
+def _held_out(src, n_images: int, threads):
+    """Held-out feeds and the FP32 vision outputs, computed once per FP32 bundle in a process (a
+    user or `edgevl bench` building int8 and int4 for two backends needs them four times)."""
+    key = (str(src.path.resolve()), src.manifest.get("created"), n_images)
+    if key not in _HELD_OUT:
+        from edgevl.exporters.quantize.decoder_feeds import held_out_feeds
+
+        held = held_out_feeds(src, ["vision", "decoder"], n_images=n_images, threads=threads)
+        _HELD_OUT.clear()
+        _HELD_OUT[key] = (held, _reference_outputs(src, "vision", held["vision"], threads))
+    return _HELD_OUT[key]
+
+
+def _candidate_store(src, target: str, names, recipe: CompositeRecipe, calib) -> Path | None:
+    """Where measured vision candidates of this FP32 vision part are kept (content-addressed by
+    the part's sha256, the target, the candidates and how they were made), or None when the
+    export cache is off. int8 and int4 builds share them: the vision part is the same."""
+    import hashlib
+    import json
+
+    from edgevl import __version__
+    from edgevl.exporters.export_cache import cache_enabled, cache_root
+
+    if not cache_enabled():
+        return None
+    vision_sha = src.manifest["files"][src.parts["vision"]["onnx"]]["sha256"]
+    payload = json.dumps({"vision": vision_sha, "target": target, "names": list(names), "edgevl": __version__,
+                          "rounds": recipe.rounds, "held_out": recipe.held_out_images,
+                          "calib": [str(calib), recipe.calib_samples] if {"nncf-int8", "static-qdq"} & set(names) else None},
+                         sort_keys=True)
+    return cache_root() / "candidates" / hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+MEASURED_FILE = "measured.json"
+
+
+def _save_measured(store: Path, cands: list[Candidate]) -> None:
+    import json
+
+    from edgevl.bundle import sha256_file
+
+    data = {"candidates": [{**{k: getattr(c, k) for k in ("name", "precision", "method", "build_s", "timing",
+                                                            "cosine")},
+                            # a candidate outside the store is the FP32 part itself (not copied)
+                            "file": c.path.name if c.path.parent == store else None,
+                            "sha256": sha256_file(c.path) if c.path.parent == store else None} for c in cands],
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    tmp = store / (MEASURED_FILE + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(store / MEASURED_FILE)             # written last: its presence means every file is complete
+
+
+def _load_measured(store: Path, fp32_part: Path, log) -> list[Candidate] | None:
+    """The stored candidates when every file is there with its recorded sha256; else None (and
+    the store is rebuilt)."""
+    import json
+
+    from edgevl.bundle import sha256_file
+
+    store.mkdir(parents=True, exist_ok=True)
+    meta = store / MEASURED_FILE
+    if not meta.is_file():
+        return None
+    data = json.loads(meta.read_text())
+    out = []
+    for c in data["candidates"]:
+        path = store / c["file"] if c["file"] else fp32_part
+        intact = path.is_file() and (c["sha256"] is None or sha256_file(path) == c["sha256"])
+        if not intact or path.suffix == ".xml" and not path.with_suffix(".bin").is_file():
+            meta.unlink()
+            return None
+        out.append(Candidate(c["name"], path, c["precision"], c["method"], c["build_s"], c["timing"], c["cosine"]))
+    log(f"  vision candidates: reusing the ones measured at {data['measured_at']} ({store})")
+    for c in out:
+        log(f"    {c.name:<26} {c.timing['median_ms']:9.1f} ms, cosine {c.cosine:.5f}")
+    return out
+
+
+def _reference_outputs(src, part: str, feeds: list[dict], threads) -> list[dict]:
+    runner = _runner("onnxruntime", src.part_file(part), "fp32", threads)
+    try:
+        return [runner.infer(f) for f in feeds]
+    finally:
+        runner.close()
+
+
+def _embed(src, writer, target: str, work: Path, recipe: CompositeRecipe, threads, log) -> dict:
+    """ONNX Runtime: the INT8 embedding table when its lookups keep ``embed_min_cosine`` and are no
+    slower than float (a lookup reads a few rows: the gain is memory). OpenVINO keeps float."""
+    fp32 = Candidate("fp32", src.part_file("embed"), "fp32", "FP32 table")
+    cands = [fp32]
+    if target == "onnxruntime":
+        cands.append(_built("dynamic-int8", "int8", "INT8 table (quantize_dynamic of Gather, per tensor)",
+                            lambda p: _dynamic(fp32.path, p, "QUInt8", op_types=("Gather",)), work / "embed-int8.onnx"))
+    vocab = int(src.manifest["decoder"]["vocab_size"])
+    feeds = [{"input_ids": (np.arange(96, dtype=np.int64) * 7919 % vocab)[None, :]}]    # a prompt's worth of ids
+    measure(cands, "onnxruntime", feeds, _reference_outputs(src, "embed", feeds, threads), recipe.rounds, threads,
+            log=lambda *a: None)
+    chosen = fp32
+    if len(cands) > 1:
+        q = cands[1]
+        if q.cosine >= recipe.embed_min_cosine and q.timing["median_ms"] <= 1.1 * fp32.timing["median_ms"] + 0.2:
+            chosen = q
+    _place(writer, "embed", "onnxruntime", chosen, src)
+    sizes = {c.name: round(c.path.stat().st_size / 1e6, 1) for c in cands}
+    log(f"  embed: {chosen.name} ({chosen.method}; MB {sizes})")
+    record = selection_record("embed", "onnxruntime", cands, chosen, recipe.embed_min_cosine)
+    record["size_mb"] = sizes
+    return record

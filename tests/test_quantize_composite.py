@@ -1,0 +1,130 @@
+"""`--precision int8 / int4`: each part's recipe chosen by timing candidates, recorded in the manifest."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import needs_openvino, needs_torch
+from edgevl.errors import ConfigError
+
+
+def _cand(name, ms, cosine):
+    from pathlib import Path
+
+    from edgevl.exporters.quantize.composite import Candidate
+
+    c = Candidate(name, Path(name), "int8", name)
+    c.timing, c.cosine = {"median_ms": ms}, cosine
+    return c
+
+
+def test_ranking_keeps_the_gate_and_orders_by_measured_time():
+    from edgevl.exporters.quantize.composite import ranked
+
+    cands = [_cand("fp32", 10.0, 1.0), _cand("fast-but-wrong", 3.0, 0.95), _cand("dyn", 6.0, 0.999),
+             _cand("dyn-pc", 5.0, 0.9991)]
+    assert [c.name for c in ranked(cands, 0.99)] == ["dyn-pc", "dyn", "fp32"]
+    assert [c.name for c in ranked(cands, 0.9999)] == ["fp32"]
+
+
+def test_bad_recipes_are_refused():
+    from edgevl.exporters.build import check_request
+    from edgevl.exporters.quantize.composite import CompositeRecipe
+
+    with pytest.raises(ConfigError, match="bits must be 4 or 8"):
+        CompositeRecipe(decoder_bits=3).validate("onnxruntime")
+    with pytest.raises(ConfigError, match="unknown vision candidate"):
+        CompositeRecipe(vision_candidates=("nncf-int8",)).validate("onnxruntime")
+    with pytest.raises(ConfigError, match="int8-qdq"):
+        CompositeRecipe().validate("tensorrt")
+    with pytest.raises(ConfigError, match="int4 is not available for --target tensorrt"):
+        check_request("tensorrt", "int4", __import__("pathlib").Path("/nonexistent/x"), False)
+
+
+@pytest.fixture(scope="module")
+def ort_int8(tiny_bundle, tmp_path_factory):
+    from edgevl.exporters.quantize.composite import CompositeRecipe, composite_bundle
+
+    out = tmp_path_factory.mktemp("composite") / "tiny-ort-int8"
+    return composite_bundle(tiny_bundle, out, "onnxruntime", CompositeRecipe(rounds=3, held_out_images=2),
+                            eval_scenes=40, log=lambda *a: None)
+
+
+@needs_torch
+def test_int8_onnxruntime_records_each_part_and_keeps_the_fastest_gated_candidate(ort_int8):
+    m = ort_int8.manifest
+    assert m["precision"] == "int8"
+    q = m["quantization"]
+    assert q["parts"]["decoder"]["precision"] == "int8" and "MatMulNBits" in q["parts"]["decoder"]["method"]
+    assert m["parts"]["decoder"]["precision"] == "int8"
+    vision = q["selection"]["vision"]
+    assert set(vision["candidates"]) == {"fp32", "dynamic-int8", "dynamic-int8-per-channel", "dynamic-uint8",
+                                         "static-qdq"}
+    gated = {k: c for k, c in vision["candidates"].items() if c["cosine"] >= vision["min_cosine"]}
+    fastest = min(gated, key=lambda k: gated[k]["median_ms"])
+    assert vision["chosen"] == fastest
+    assert m["parts"]["vision"]["precision"] == vision["candidates"][fastest]["precision"]
+    assert vision["measured_on"]["cores"] >= 1 and all(c["runs"] == 3 for c in vision["candidates"].values())
+    import onnx
+
+    graph_ops = {n.op_type for n in onnx.load(str(ort_int8.part_file("decoder"))).graph.node}
+    assert "MatMulNBits" in graph_ops
+
+
+@needs_torch
+def test_int8_onnxruntime_keeps_accuracy_and_answers(ort_int8):
+    import json
+
+    import edgevl
+    from edgevl.data.tasks import scene_qas
+    from edgevl.data.world import make_scene
+
+    report = json.loads((ort_int8.path / ort_int8.manifest["reports"]["accuracy"]).read_text())
+    assert report["budget"]["passed"] and report["gate"]["passed"]
+    assert report["tasks"]["backends"]["onnxruntime"]["drop_points"] <= 1.0
+    scene = make_scene("test", 7)
+    qas = scene_qas(scene)
+    with edgevl.load(ort_int8.path, backend="onnxruntime", verbose=False) as vlm:
+        answers = vlm.answer([scene.image()] * len(qas), [qa.question for qa in qas])
+    assert answers == [qa.answer for qa in qas]
+
+
+@needs_torch
+@needs_openvino
+@pytest.mark.slow
+def test_int4_openvino_writes_ir_for_the_chosen_parts(tiny_bundle, tmp_path):
+    import edgevl
+    from edgevl.exporters.quantize.composite import CompositeRecipe, composite_bundle
+
+    recipe = CompositeRecipe(decoder_bits=4, rounds=2, held_out_images=2, vision_candidates=("fp32", "nncf-int8-weights"))
+    bundle = composite_bundle(tiny_bundle, tmp_path / "ov-int4", "openvino", recipe, eval_scenes=20,
+                              accept_loss=True, log=lambda *a: None)
+    assert bundle.precision == "int4"
+    assert bundle.part_file("vision", "openvino").suffix == ".xml"
+    assert bundle.part_file("decoder", "openvino").suffix == ".xml"
+    assert "INT4" in bundle.manifest["parts"]["decoder"]["method"]
+    assert set(bundle.manifest["quantization"]["selection"]["vision"]["candidates"]) == {"fp32", "nncf-int8-weights"}
+    with edgevl.load(bundle.path, backend="openvino", verbose=False) as vlm:
+        from edgevl.data.world import make_scene
+
+        assert isinstance(vlm.answer([make_scene("test", 1).image()], ["what is in the picture?"])[0], str)
+
+
+@needs_torch
+def test_fp32_export_is_cached_by_checkpoint_content(tmp_path, monkeypatch):
+    from edgevl.exporters.export_cache import cached_export
+
+    monkeypatch.setenv("EDGEVL_CACHE", str(tmp_path / "cache"))
+    logs = []
+    first = cached_export("edgevl-tiny", tmp_path / "unused", log=logs.append)
+    assert first.path.parent == tmp_path / "cache" / "exports" and not (tmp_path / "unused").exists()
+    logs.clear()
+    again = cached_export("edgevl-tiny", tmp_path / "unused", log=logs.append)
+    assert again.path == first.path and any("reusing" in str(line) for line in logs)
+    (first.path / first.manifest["parts"]["embed"]["onnx"]).write_bytes(b"tampered")
+    logs.clear()
+    redone = cached_export("edgevl-tiny", tmp_path / "unused", log=logs.append)
+    assert any("failed verification" in str(line) for line in logs) and redone.path == first.path
+    monkeypatch.setenv("EDGEVL_EXPORT_CACHE", "0")
+    off = cached_export("edgevl-tiny", tmp_path / "off", log=lambda *a: None)
+    assert off.path == tmp_path / "off"
