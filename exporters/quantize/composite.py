@@ -174,8 +174,9 @@ def _runner(backend: str, path: Path, precision: str, threads):
 
 def measure(candidates: list[Candidate], backend: str, feeds: list[dict], reference: list[dict], rounds: int,
             threads=None, log=print) -> None:
-    """Time every candidate on ``feeds[0]`` in interleaved rounds (after one warm-up call each) and
-    take its worst cosine vs ``reference`` over all feeds; fills ``timing`` and ``cosine``."""
+    """Time every candidate on ``feeds[0]`` in interleaved rounds (at least ``rounds``, more for calls
+    shorter than TIMED_S / rounds; after a warm-up pass) and take its worst cosine vs ``reference``
+    over all feeds; fills ``timing`` and ``cosine``."""
     from edgevl.runtimes.compare import diff_outputs
 
     runners = {c.name: _runner(backend, c.path, c.precision, threads) for c in candidates}
@@ -185,6 +186,8 @@ def measure(candidates: list[Candidate], backend: str, feeds: list[dict], refere
             r = runners[c.name]
             outs = [r.infer(f) for f in feeds]
             c.cosine = min(d.cosine for o, ref in zip(outs, reference) for d in diff_outputs(ref, o))
+        fastest = min(_seconds(runners[c.name], feeds[0]) for c in candidates)
+        rounds = max(rounds, min(MAX_ROUNDS, int(TIMED_S / max(fastest, 1e-6))))   # short calls: more rounds
         for _ in range(rounds):
             for c in candidates:
                 time.sleep(0.05)           # ONNX Runtime's spinning threads go quiet (MEASURED.md 2)
@@ -200,6 +203,15 @@ def measure(candidates: list[Candidate], backend: str, feeds: list[dict], refere
                     "p90_ms": round(float(np.percentile(s, 90)), 2), "runs": len(s)}
         log(f"    {c.name:<26} {c.timing['median_ms']:9.1f} ms (p10 {c.timing['p10_ms']:.1f}, p90 "
             f"{c.timing['p90_ms']:.1f}), cosine {c.cosine:.5f}")
+
+
+TIMED_S, MAX_ROUNDS = 0.3, 60        # per candidate: at least ~0.3 s of timed calls, at most 60 rounds
+
+
+def _seconds(runner, feeds: dict) -> float:
+    t = time.perf_counter()
+    runner.infer(feeds)
+    return time.perf_counter() - t
 
 
 def ranked(candidates: list[Candidate], min_cosine: float) -> list[Candidate]:
@@ -218,29 +230,57 @@ def selection_record(part: str, backend: str, candidates: list[Candidate], chose
             "candidates": {c.name: c.summary() for c in candidates}}
 
 
-def _decoder(src, writer, target: str, recipe: CompositeRecipe, log) -> dict:
-    """The weight-only decoder: MatMulNBits for ONNX Runtime (the part's ONNX, which OpenVINO
-    reads too), NNCF-compressed IR for OpenVINO."""
+def _decoder(src, writer, target: str, work: Path, recipe: CompositeRecipe, held: list[dict], threads, log) -> dict:
+    """The decoder: weight-only at ``recipe.decoder_bits`` (MatMulNBits for ONNX Runtime, which
+    OpenVINO reads too; an NNCF-compressed IR for OpenVINO), timed on held-out decode steps against
+    the FP32 decoder for ``int8`` (on a small decoder whose weights sit in cache, dequantizing can
+    cost more than the bandwidth it saves); ``int4`` always keeps its 4-bit weights."""
+    import shutil
+
     from edgevl.exporters.quantize.recipes import WeightOnlyRecipe, default_block_size, weight_only_backends
     from edgevl.exporters.quantize.weight_only import matmul_nbits, nncf_compress_openvino
 
     backends = weight_only_backends(target)
     wo = WeightOnlyRecipe(bits=recipe.decoder_bits, block_size=recipe.block_size or default_block_size(backends),
                           backends=backends).validate()
-    rel = src.parts["decoder"]["onnx"]
+    fp32_onnx = src.part_file("decoder")
     t = time.perf_counter()
-    info = {"onnxruntime": matmul_nbits(src.part_file("decoder"), writer.file(rel), wo)}
+    ort_info = matmul_nbits(fp32_onnx, work / "decoder-wo.onnx", wo)
     method = f"weight-only INT{wo.bits} MatMulNBits (blocks of {wo.block_size}, accuracy_level {wo.accuracy_level})"
+    info = {"onnxruntime": ort_info}
+    cands = [Candidate("weight-only", work / "decoder-wo.onnx", f"int{wo.bits}", method, time.perf_counter() - t)]
     if target == "openvino":
-        ir = f"{OPENVINO_DIR}/decoder.xml"
-        info["openvino"] = nncf_compress_openvino(src.part_file("decoder"), writer.file(ir), wo)
-        writer.manifest["parts"]["decoder"]["artifacts"] = {"openvino": ir}
+        t = time.perf_counter()
+        info["openvino"] = nncf_compress_openvino(fp32_onnx, work / "decoder-wo.xml", wo)
         method = f"weight-only NNCF {info['openvino']['mode'].upper()} IR" + (
             f" (groups of {wo.block_size})" if wo.bits == 4 else "")
+        cands = [Candidate("weight-only", work / "decoder-wo.xml", f"int{wo.bits}", method, time.perf_counter() - t)]
+    if wo.bits == 8:
+        fp32 = Candidate("fp32", fp32_onnx, "fp32", "FP32")
+        if target == "openvino":
+            fp32 = _built("fp32", "fp32", "FP32 IR (f32 inference hint)", lambda p: _save_ir(fp32_onnx, p),
+                          work / "decoder-fp32.xml")
+        cands.append(fp32)
+    steps = [f for f in held if f["inputs_embeds"].shape[1] == 1] or held
+    steps = sorted(steps, key=lambda f: -int(f["past_len"].max()))[:4]       # the longest caches first
+    log(f"  decoder candidates on {target} (a decode step at position {int(steps[0]['past_len'].max())}):")
+    measure(cands, target, steps, _reference_outputs(src, "decoder", steps, threads), recipe.rounds, threads, log)
+    order = ranked(cands, recipe.min_cosine)
+    if not order:
+        raise QuantizationError(f"no decoder candidate kept logits cosine >= {recipe.min_cosine} vs FP32")
+    chosen = order[0]
     spec = writer.manifest["parts"]["decoder"]
-    spec["precision"], spec["method"] = f"int{wo.bits}", method
-    log(f"  decoder: {method} in {time.perf_counter() - t:.1f} s")
-    return {"precision": f"int{wo.bits}", "method": method, "recipe": wo.to_dict(), "tools": info}
+    if target == "openvino":
+        ir = f"{OPENVINO_DIR}/decoder.xml"
+        shutil.copyfile(chosen.path, writer.file(ir))
+        shutil.copyfile(chosen.path.with_suffix(".bin"), writer.file(ir[:-4] + ".bin"))
+        spec["artifacts"] = {"openvino": ir}
+    portable = work / "decoder-wo.onnx" if chosen.name == "weight-only" else fp32_onnx
+    writer.copy_in(portable, spec["onnx"])
+    spec["precision"], spec["method"] = chosen.precision, chosen.method
+    log(f"  decoder: {chosen.name} ({chosen.method})")
+    return {"precision": chosen.precision, "method": chosen.method, "recipe": wo.to_dict(), "tools": info,
+            "selection": selection_record("decoder", target, cands, chosen, recipe.min_cosine)}
 
 
 def _place(writer, part: str, target: str, chosen: Candidate, src) -> None:
@@ -301,7 +341,7 @@ def composite_bundle(bundle, out, target: str, recipe: CompositeRecipe = Composi
         if not order:
             raise QuantizationError(f"no vision candidate kept cosine >= {recipe.min_cosine} vs FP32")
         embed = _embed(src, writer, target, work, recipe, threads, log)
-        decoder = _decoder(src, writer, target, recipe, log)
+        decoder = _decoder(src, writer, target, work, recipe, held["decoder"], threads, log)
         backends = (target,)
         evaluator = AccuracyEvaluator.for_bundle(src, backends, eval_scenes, "val", 0, threads, log=log)
         for chosen in order:
@@ -334,7 +374,7 @@ def composite_bundle(bundle, out, target: str, recipe: CompositeRecipe = Composi
                       for p in writer.manifest["parts"]},
             "decoder": decoder,
             "selection": {"vision": selection_record("vision", target, cands, chosen, recipe.min_cosine),
-                          "embed": embed},
+                          "embed": embed, "decoder": decoder.pop("selection")},
             "activations": "dynamic INT8 where a part is dynamic, else float", "recipe": recipe.to_dict(),
             "versions": tool_versions()}
         for line in summary_lines(report):
