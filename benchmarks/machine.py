@@ -96,6 +96,48 @@ def load_now() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes have used since boot (/proc/stat: everything but idle and iowait;
+    steal included, since a hypervisor taking the core is competition too), None off Linux."""
+    try:
+        fields = [float(x) for x in open("/proc/stat").readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+_clock = time.perf_counter
+
+
+def _own_cpu_seconds() -> float:
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+class OthersCpu:
+    """How many cores *other* processes kept busy while this process measured (in-process timing
+    only). Unlike the load average, it does not count this process's own work, so a run that has
+    just built bundles on every core is not taken for a busy machine.
+
+        with OthersCpu() as others: ...measure...
+        others.cores   # average cores used by other processes, or None where unknown"""
+
+    def __enter__(self) -> "OthersCpu":
+        self.cores = None
+        self._start = (_clock(), _busy_cpu_seconds(), _own_cpu_seconds())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        t0, busy0, own0 = self._start
+        busy1, wall = _busy_cpu_seconds(), _clock() - t0
+        if busy0 is not None and busy1 is not None and wall > 0:
+            self.cores = max(0.0, ((busy1 - busy0) - (_own_cpu_seconds() - own0)) / wall)
+
+
 def machine_info() -> dict:
     cpu = _cpuinfo()
     flags = set(cpu.get("flags", []))

@@ -20,6 +20,7 @@ from typing import Mapping, Sequence
 from edgevl.benchmarks.machine import usable_cores
 from edgevl.benchmarks.stats import DEFAULT_SPREAD_LIMIT, Summary, summarize
 
+OTHERS_LIMIT = 0.25      # of the usable cores, on average, taken by other processes while measuring
 MIN_SAMPLES = 5          # with fewer, p10 and p90 are the extremes and the spread says nothing
 RERUN = "rerun on a quiet machine"
 
@@ -79,13 +80,16 @@ def load_reason(load_before: float | None, load_after: float | None, cores: int,
 
 def judge(samples: Mapping[str, Sequence[float] | Summary], *, load_before: float | None,
           load_after: float | None, cores: int | None = None, spread_limit: float = DEFAULT_SPREAD_LIMIT,
-          min_samples: int = MIN_SAMPLES, unit: str = "ms") -> Trust:
+          min_samples: int = MIN_SAMPLES, unit: str = "ms", others_cores: float | None = None) -> Trust:
     """The verdict on a ratio between the variants of ``samples`` (name -> values or their Summary).
 
     Flags a variant with fewer than ``min_samples`` samples, one whose (p90 - p10) / median is
     above ``spread_limit``, and a load above the usable cores before or while measuring
     (``load_after`` is taken as measuring ends, so its 1-minute average covers the measuring).
     Pass an empty ``samples`` for a ratio with no spread to check (one timed window each).
+    ``others_cores`` (machine.OthersCpu, for timing done in this process) flags other processes
+    that kept more than OTHERS_LIMIT of the cores busy; it is the better test where this process
+    itself has just loaded the machine, which the load average cannot tell from competition.
     """
     cores = cores or usable_cores()
     reasons = []
@@ -100,6 +104,9 @@ def judge(samples: Mapping[str, Sequence[float] | Summary], *, load_before: floa
     busy = load_reason(load_before, load_after, cores)
     if busy:
         reasons.append(busy)
+    if others_cores is not None and others_cores > OTHERS_LIMIT * cores:
+        reasons.append(f"machine load: other processes kept {others_cores:.2f} of {cores} cores busy while "
+                       "measuring")
     return Trust(tuple(reasons), load_before, load_after, cores, spread_limit, min_samples)
 
 

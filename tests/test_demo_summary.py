@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from edgevl.demo import speed_rows, speed_sentence, summary_lines, time_variants
 
 BUSY_WIDE = {"pytorch eager fp32": [26.0, 300.0, 1123.9, 1200.0, 1225.0],
@@ -47,3 +49,38 @@ def test_variants_take_turns_pass_by_pass():
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
     assert [n for n, _ in calls[:2]] == ["a", "b"]                          # one warm-up call each
     assert [n for n, _ in calls[2:]] == ["a", "a", "b", "b"] * 3
+
+
+def test_other_processes_cpu_is_measured_without_counting_our_own(monkeypatch):
+    import edgevl.benchmarks.machine as machine
+
+    clock = iter([100.0, 102.0, 0.0, 1.0])        # a 2-second window (then a second one)
+    busy = iter([50.0, 53.0])                     # all processes: 3 CPU seconds in it
+    own = iter([7.0, 8.8, 0.0, 0.0])              # this process (and its children): 1.8 of them
+    monkeypatch.setattr(machine, "_clock", lambda: next(clock))
+    monkeypatch.setattr(machine, "_busy_cpu_seconds", lambda: next(busy))
+    monkeypatch.setattr(machine, "_own_cpu_seconds", lambda: next(own))
+    with machine.OthersCpu() as others:
+        pass
+    assert others.cores == pytest.approx(0.6)     # (3 - 1.8) / 2 s
+    monkeypatch.setattr(machine, "_busy_cpu_seconds", lambda: None)
+    with machine.OthersCpu() as unknown:          # no /proc/stat: unknown, not zero
+        pass
+    assert unknown.cores is None
+
+
+def test_other_processes_cpu_reads_this_machine():
+    from edgevl.benchmarks.machine import OthersCpu
+
+    with OthersCpu() as others:
+        sum(range(200_000))
+    assert others.cores is None or others.cores >= 0.0
+
+
+def test_a_busy_other_process_flags_the_ratio_and_a_quiet_one_does_not():
+    from edgevl.benchmarks.trust import judge
+
+    tight = {"a": [10.0, 10.1, 10.2, 10.0, 10.1], "b": [5.0, 5.1, 5.0, 5.05, 5.1]}
+    busy = judge(tight, load_before=None, load_after=None, cores=2, others_cores=1.1)
+    assert not busy.ok and "other processes kept 1.10 of 2 cores busy" in busy.flag()
+    assert judge(tight, load_before=None, load_after=None, cores=2, others_cores=0.05).ok
