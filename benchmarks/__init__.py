@@ -11,6 +11,7 @@
     orchestrate.py  one worker process per setup, interleaved rounds, failure isolation
     worker.py       the worker process (JSON lines on stdin/stdout)
     subject*.py     what a worker measures: PyTorch (edgevl-tiny, transformers), edgevl bundles, a fake
-    peers.py        peer tools (ORT quantize_dynamic here; optimum/OpenVINO GenAI in peers_venv/)
+    peers.py        peer tools (ORT quantize_dynamic here; optimum/OpenVINO GenAI, llama.cpp, ORT GenAI
+                    through peers_venv/peer_worker.py)
     report.py       rows, speed-ups, decode ceiling, JSON, Markdown;  plots.py  PNG plots
 """

@@ -6,8 +6,12 @@
 # so they must never be installed into edgevl's own .venv. `edgevl bench --peers ...` runs
 # benchmarks/peers_venv/peer_worker.py with this venv's python, as a worker process of its own.
 #
+# The llama-cpp-* and ort-genai-* peers do not use this venv (their converters need transformers 5):
+# bash benchmarks/peers_venv/make_llama_cpp.sh, bash benchmarks/peers_venv/make_ort_genai.sh
+#
 # Usage: bash benchmarks/peers_venv/make_venv.sh [PYTHON]      (re-running it upgrades in place)
 set -euo pipefail
+start=$(date +%s)
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 venv="$here/../.peers-venv"
 python="${1:-python3}"
@@ -30,4 +34,4 @@ for name in ("transformers", "optimum", "optimum-intel", "optimum-onnx", "openvi
     except m.PackageNotFoundError:
         print(f"{name:16s} (not installed)")
 PY
-echo "peers venv ready: $venv"
+echo "peers venv ready: $venv (took $(( $(date +%s) - start )) s)"

@@ -10,6 +10,11 @@ transformers they pin, not edgevl. It measures what the peers expose the same wa
 
 The vision encoder alone is not timed (the peers do not expose it the same way); those cells
 stay empty. Exports are cached in the spec's ``work_dir`` so only the first run pays for them.
+
+Peers with measures of their own live beside this file and define ``round`` (and optionally
+``describe``, ``size_bytes``, ``peak_rss_mb``): llama_cpp_peer.py (llama.cpp's binaries; run
+with edgevl's own python, as it needs no peers venv) and ort_genai_peer.py (ONNX Runtime GenAI,
+decoder only).
 """
 
 from __future__ import annotations
@@ -189,18 +194,36 @@ class OptimumORT(OptimumIntel):
 
 
 PEERS = {"optimum-intel": OptimumIntel, "optimum-intel-int8": OptimumIntel, "openvino-genai": OpenVINOGenAI,
-         "optimum-onnxruntime": OptimumORT}
+         "optimum-onnxruntime": OptimumORT,
+         # modules beside this file, imported when asked for (llama_cpp_peer runs on edgevl's python)
+         "llama-cpp-q8_0": "llama_cpp_peer:LlamaCpp", "llama-cpp-q4_0": "llama_cpp_peer:LlamaCpp",
+         "ort-genai-int4": "ort_genai_peer:OrtGenAI", "ort-genai-int8": "ort_genai_peer:OrtGenAI"}
+
+
+def peer_class(name: str):
+    cls = PEERS[name]
+    if isinstance(cls, str):
+        import importlib
+
+        here = str(Path(__file__).resolve().parent)
+        if here not in sys.path:
+            sys.path.insert(0, here)
+        module, _, attr = cls.partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+    return cls
 
 
 class Worker:
     def load(self, msg):
         self.spec, self.settings = msg["subject"], msg.get("settings", {})
-        if self.spec.get("threads"):
-            import torch
+        cls = peer_class(self.spec["peer"])
+        if getattr(cls, "transformers", True):
+            if self.spec.get("threads"):
+                import torch
 
-            torch.set_num_threads(int(self.spec["threads"]))
-        self.spec["checkpoint"] = str(compat_checkpoint(self.spec["checkpoint"], self.spec["work_dir"]))
-        self.peer = PEERS[self.spec["peer"]](self.spec)
+                torch.set_num_threads(int(self.spec["threads"]))
+            self.spec["checkpoint"] = str(compat_checkpoint(self.spec["checkpoint"], self.spec["work_dir"]))
+        self.peer = cls(self.spec)
         t = time.perf_counter()
         # export in a child process: its memory (torch tracing) is not this variant's peak
         done = None
@@ -213,12 +236,22 @@ class Worker:
         t = time.perf_counter()
         self.peer.load()
         load_ms = (time.perf_counter() - t) * 1e3
-        out_dir = getattr(self.peer, "ort_dir", None) or self.peer.ov_dir
-        return {"facts": {"load_ms": load_ms, "export_s": round(export_s, 1), "size_bytes": dir_size(out_dir),
-                          "max_position": None, "pid": os.getpid()}}
+        if hasattr(self.peer, "size_bytes"):
+            size = self.peer.size_bytes()
+        else:
+            size = dir_size(getattr(self.peer, "ort_dir", None) or self.peer.ov_dir)
+        facts = {"load_ms": load_ms, "export_s": round(export_s, 1), "size_bytes": size, "max_position": None,
+                 "pid": os.getpid()}
+        if hasattr(self.peer, "describe"):
+            facts.update(self.peer.describe(self.settings))
+        return {"facts": facts}
 
     def round(self, msg):
         batch, budget = int(msg["batch"]), float(msg.get("budget_s", 1.0))
+        if hasattr(self.peer, "round"):             # a peer with its own measures (llama.cpp, ORT GenAI)
+            first = batch not in getattr(self, "seen", set())
+            self.seen = getattr(self, "seen", set()) | {batch}
+            return {"samples": self.peer.round(batch, budget, self.settings, first)}
         n = int(self.settings.get("new_tokens", 32))
         prompt = self.settings.get("prompt", PROMPT_DEFAULT)
         images = scene_images(self.spec, batch)
@@ -244,14 +277,19 @@ class Worker:
             out["prompt_tokens"] = prompt_tokens or None
         return {"samples": out}
 
+    def peak_rss_mb(self) -> float:
+        """This process's peak, or the peer's own where it runs the model in child processes."""
+        peer = getattr(self, "peer", None)
+        return peer.peak_rss_mb() if hasattr(peer, "peak_rss_mb") else peak_rss_mb()
+
     def finish(self, msg):
-        return {"accuracy": None, "overhead": None, "process_peak_rss_mb": peak_rss_mb()}
+        return {"accuracy": None, "overhead": None, "process_peak_rss_mb": self.peak_rss_mb()}
 
 
 def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "--export":
         spec = json.loads(sys.argv[2])
-        PEERS[spec["peer"]](spec).export()
+        peer_class(spec["peer"])(spec).export()
         return 0
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
@@ -265,7 +303,7 @@ def main() -> int:
             break
         try:
             reply = {"load": worker.load, "round": worker.round, "finish": worker.finish,
-                     "rss": lambda m: {"peak_rss_mb": peak_rss_mb()}}[msg["cmd"]](msg)
+                     "rss": lambda m: {"peak_rss_mb": worker.peak_rss_mb()}}[msg["cmd"]](msg)
             reply["ok"] = True
         except Exception as e:
             traceback.print_exc()

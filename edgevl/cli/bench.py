@@ -20,7 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", default="1,8", help="vision batch sizes; every size is a row (default 1,8)")
     p.add_argument("--generate-batches", default="1",
                    help="batch sizes at which TTFT/decode/e2e are measured too (default 1)")
-    p.add_argument("--peers", default="", help="peer tools to measure too, e.g. ort-quantize-dynamic,optimum-intel-int8")
+    p.add_argument("--peers", default="", help="peer tools to measure too, e.g. ort-quantize-dynamic,optimum-intel-int8,"
+                                               "llama-cpp-q8_0,llama-cpp-q4_0,ort-genai-int4,ort-genai-int8 "
+                                               "(benchmarks/peers.py lists them and what each needs)")
     p.add_argument("--json", dest="json_path", default=None, help="write the results here (required unless --prepare-only)")
     p.add_argument("--markdown", default=None, help="write the README table here")
     p.add_argument("--plots", default=None, help="write PNG plots into this directory")
