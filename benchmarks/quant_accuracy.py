@@ -10,6 +10,10 @@ Every quantized bundle is built with the default recipe (budget on 200 *validati
 sensitivity pass on) but with --accept-loss, so a method that breaks the budget still gets its
 row; the table is measured on the *test* split, which no recipe decision ever saw. A quick check
 of the script: ``--n 5 --samples 8 --qat-steps 2 --eval-scenes 3``.
+
+``--variants fp32,int8,int4`` measures the composite `edgevl build --precision int8 / int4`
+deployments instead (one build per backend, each evaluated on its own backend: the recipe it
+holds was chosen by timing on that backend).
 """
 
 from __future__ import annotations
@@ -33,6 +37,17 @@ def build_variants(args, log) -> dict[str, Path]:
 
     work = Path(args.work)
     variants = {"fp32": export_model(args.model, work / "fp32", force=True, log=log).path}
+    wanted = set(args.variants.split(",")) if args.variants else None
+    if wanted is not None:
+        from edgevl.exporters.build import build_bundle
+        from edgevl.runtimes.registry import installed_backends
+
+        for precision in [p for p in ("int8", "int4") if p in wanted]:
+            for target in [b for b in ("onnxruntime", "openvino") if b in installed_backends()]:
+                variants[f"{precision}@{target}"] = build_bundle(
+                    args.model, target, precision, work / f"{precision}-{target}", calib=args.calib, force=True,
+                    eval_scenes=args.eval_scenes, accept_loss=True, log=log, progress=False).path
+        return variants
     for method in METHODS:
         recipe = PTQRecipe(method=method, samples=args.samples, accept_loss=True, eval_scenes=args.eval_scenes)
         variants[f"ptq-{method}"] = quantize_bundle(variants["fp32"], args.calib, work / f"ptq-{method}", recipe,
@@ -58,6 +73,8 @@ def measure(variants: dict[str, Path], backends, n: int, log) -> dict:
         for backend in backends:
             if name == "ptq-nncf-openvino-ir" and backend != "openvino":
                 continue              # its ONNX is the percentile Q/DQ row; the IR is OpenVINO's
+            if "@" in name and name.partition("@")[2] != backend:
+                continue              # a composite build holds what was fastest on its own backend
             t = time.perf_counter()
             r = evaluate_bundle(bundle, backend, n, "test")
             rows.setdefault(name, {})[backend] = {"accuracy": r["accuracy"], "by_task": r["by_task"],
@@ -91,6 +108,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--eval-scenes", type=int, default=200, help="validation scenes of each recipe's budget")
     parser.add_argument("--qat-steps", type=int, default=300, help="0 skips QAT")
+    parser.add_argument("--variants", default=None,
+                        help="fp32,int8,int4: the composite deployments instead of the PTQ/QAT recipes")
     parser.add_argument("--work", type=Path, default=Path("/tmp/edgevl-quant-accuracy"))
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--md-out", type=Path)

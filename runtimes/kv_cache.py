@@ -9,6 +9,10 @@ most twice the longest live sequence instead of a fixed maximum context.
 Slots are handed out by the scheduler for in-flight batching; active slots are kept packed at
 the front (``move`` copies one finished slot's neighbour down), so a batch of ``n`` active
 sequences is the view ``[:n]`` of every array, with no gather.
+
+A runner may write a step's keys/values into the fed arrays itself (ONNX Runtime's lowered
+decoder: GroupQueryAttention works in the cache's memory). It then returns ``WrittenInPlace``
+outputs naming the array it wrote, and ``write`` only advances the lengths.
 """
 
 from __future__ import annotations
@@ -18,6 +22,16 @@ import numpy as np
 from edgevl.errors import InputError
 
 MIN_CAPACITY = 64
+
+
+class WrittenInPlace(dict):
+    """Decoder outputs of a step whose ``present_*`` keys/values are already stored in the fed
+    ``past_*`` arrays at each row's length; ``target`` is the array that owns ``past_key.0``'s
+    memory (so a cache can tell its own arrays were written, not another cache's)."""
+
+    def __init__(self, outputs: dict, target):
+        super().__init__(outputs)
+        self.target = target
 
 
 def _round_up_pow2(n: int) -> int:
@@ -68,6 +82,9 @@ class KVCache:
         start = self.length[rows]
         if int(start.max(initial=0)) + t > self.capacity:
             raise InputError(f"KV cache of capacity {self.capacity} cannot take {t} more positions; call ensure()")
+        if isinstance(outputs, WrittenInPlace) and outputs.target is self.keys[0]:
+            self.length[rows] += t if n_valid is None else n_valid
+            return
         first = rows.start or 0
         same = bool((start == start[0]).all()) if len(start) else True
         for i in range(self.n_layers):

@@ -1,9 +1,26 @@
-"""ONNX Runtime runner: CPU (x86, ARM64); CUDA and TensorRT execution providers when present."""
+"""ONNX Runtime runner: CPU (x86, ARM64); CUDA and TensorRT execution providers when present.
+
+A graph whose metadata holds ``edgevl.kv_in_place`` (the decoder lowered by
+edgevl.exporters.lower.onnxruntime_decoder) has extra outputs that must share memory with
+inputs: ``{"cache_key.0": "past_key.0", ...}``. The runner binds each such output to its
+input's array with IOBinding (``InPlaceBinding``), so GroupQueryAttention writes the step's
+keys/values straight into the caller's KV cache (at each row's ``past_len``, positions the cache
+contract treats as unused) and reads no more of it than each row's length. Those outputs are hidden: ``outputs`` and
+``infer`` show the portable decoder's interface, with ``present_*`` read back from the written
+buffers (views of the caller's cache arrays when every row sits at the same position).
+"""
 
 from __future__ import annotations
 
+import json
+import threading
+
+import numpy as np
+
 from edgevl.errors import BackendUnavailable, BundleError
 from edgevl.runtimes.base import Runner, TensorInfo
+
+KV_IN_PLACE_KEY = "edgevl.kv_in_place"
 
 _ORT_TYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -64,21 +81,114 @@ class OnnxRuntimeRunner(Runner):
             self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=wanted)
         except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             raise BundleError(f"onnxruntime could not load {self.path}: {e}") from e
+        meta = self.session.get_modelmeta().custom_metadata_map
+        pairs = json.loads(meta[KV_IN_PLACE_KEY]) if KV_IN_PLACE_KEY in meta else {}
         inputs = [TensorInfo(i.name, _ORT_TYPES.get(i.type, i.type), _shape(i.shape)) for i in self.session.get_inputs()]
-        outputs = [TensorInfo(o.name, _ORT_TYPES.get(o.type, o.type), _shape(o.shape)) for o in self.session.get_outputs()]
+        outputs = [TensorInfo(o.name, _ORT_TYPES.get(o.type, o.type), _shape(o.shape)) for o in self.session.get_outputs()
+                   if o.name not in pairs]
         self._names = [o.name for o in outputs]
+        self._in_place = InPlaceBinding(self.session, pairs, self._names) if pairs else None
         return inputs, outputs
 
     def _infer(self, feeds):
+        if self._in_place:
+            return self._in_place.run(feeds)
         values = self.session.run(self._names, feeds)
         return dict(zip(self._names, values))
 
     def _close(self):
-        self.session = None
+        self.session = self._in_place = None
 
     @property
     def providers(self) -> list[str]:
         return self.activate().session.get_providers()
+
+
+class InPlaceBinding:
+    """Runs a session whose outputs ``pairs`` ({output: input}) must be the memory of their input.
+
+    One IOBinding is kept across calls and each cache array is rebound only when its address or
+    shape changed: a decode step feeds the same cache views every time, so a step rebinds just
+    ``inputs_embeds``, ``past_len`` and ``logits`` (binding a decoder's 120 cache tensors and
+    fetching its 60 ``present_*`` outputs afresh cost ~1 ms a step from Python; ``logits``, of
+    static width, is bound to an array of ours, so nothing is fetched from ORT). The graph's
+    ``present_*`` outputs are not fetched: the step's keys/values are read from the buffers GQA
+    wrote, as views when every row is at the same position (copies otherwise), and returned as
+    ``WrittenInPlace`` so KVCache.write does not store them a second time. A cache input that is
+    not a writeable, C-contiguous float32 array of its own is copied first (correct, not in place)."""
+
+    def __init__(self, session, pairs: dict[str, str], outputs: list[str]):
+        self.session, self.outputs = session, list(outputs)
+        self.aliases: dict[str, list[str]] = {}
+        for out, src in pairs.items():
+            self.aliases.setdefault(src, []).append(out)
+        self.present = {name: "present_" + name[len("past_"):] for name in self.aliases
+                        if name.startswith("past_") and "present_" + name[len("past_"):] in self.outputs}
+        # outputs ORT must produce: {name: static dims after the batch axis, or None}
+        self.fetched = {}
+        for o in session.get_outputs():
+            if o.name in self.outputs and o.name not in self.present.values():
+                dims = o.shape[1:]
+                static = o.type == "tensor(float)" and o.shape and all(isinstance(d, int) for d in dims)
+                self.fetched[o.name] = tuple(dims) if static else None
+        self.io = session.io_binding()
+        for name in self.fetched:              # first, so they come first in get_outputs()
+            self.io.bind_output(name, "cpu")
+        self.bound: dict[str, tuple] = {}
+        self.lock = threading.Lock()
+
+    def run(self, feeds: dict) -> dict:
+        from edgevl.errors import InputError
+        from edgevl.runtimes.kv_cache import WrittenInPlace
+
+        missing = [name for name in ("inputs_embeds", "past_len", *self.aliases) if name not in feeds]
+        if missing:
+            raise InputError(f"inputs missing {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+        with self.lock:
+            keep, seen, copied = {}, set(), False     # the arrays bound for this run stay alive through it
+            for name, arr in feeds.items():
+                outs = self.aliases.get(name)
+                if outs is None:
+                    arr = keep[name] = np.ascontiguousarray(arr)
+                    self.io.bind_input(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
+                    continue
+                arr = np.asarray(arr)
+                flags = arr.flags
+                ptr = arr.__array_interface__["data"][0] if flags.c_contiguous else None   # faster than .ctypes
+                if ptr is None or ptr in seen or not flags.writeable or arr.dtype != np.float32:
+                    arr, copied = np.array(arr, dtype=np.float32, order="C"), True   # one buffer fed twice too
+                    ptr = arr.__array_interface__["data"][0]
+                keep[name] = arr
+                seen.add(ptr)
+                key = (ptr, arr.shape)
+                if self.bound.get(name) != key:
+                    self.io.bind_input(name, "cpu", 0, arr.dtype, arr.shape, ptr)
+                    for out in outs:
+                        self.io.bind_output(out, "cpu", 0, arr.dtype, arr.shape, ptr)
+                    self.bound[name] = key
+            batch, t = keep["inputs_embeds"].shape[:2]
+            out = {}
+            for name, dims in self.fetched.items():
+                if dims is None:               # unallocated again: ORT sizes it for this run
+                    self.io.bind_output(name, "cpu")
+                else:                          # (batch, static dims...): ours, no fetch needed
+                    arr = out[name] = np.empty((batch, *dims), np.float32)
+                    self.io.bind_output(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
+            self.session.run_with_iobinding(self.io)
+            if len(out) < len(self.fetched):
+                values = self.io.get_outputs()
+                out.update({name: values[j].numpy() for j, name in enumerate(self.fetched) if name not in out})
+        starts = keep["past_len"].tolist() or [0]
+        uniform = all(s == starts[0] for s in starts)
+        for past, present in self.present.items():     # the new positions of the buffers GQA wrote
+            buf = keep[past]
+            out[present] = buf[:, :, starts[0]:starts[0] + t] if uniform else \
+                np.stack([buf[j, :, s:s + t] for j, s in enumerate(starts)])
+        out = {name: out[name] for name in self.outputs}
+        if copied or "past_key.0" not in keep:
+            return out
+        target = keep["past_key.0"]
+        return WrittenInPlace(out, target if target.base is None else target.base)
 
 
 def ort_version() -> str:

@@ -64,11 +64,18 @@ def test_int8_onnxruntime_records_each_part_and_keeps_the_fastest_gated_candidat
         assert sel["measured_on"]["cores"] >= 1 and all(c["runs"] >= 3 for c in sel["candidates"].values())
     assert set(q["selection"]["vision"]["candidates"]) == {"fp32", "dynamic-int8", "dynamic-int8-per-channel",
                                                             "dynamic-uint8", "static-qdq"}
-    assert set(q["selection"]["decoder"]["candidates"]) == {"weight-only", "fp32"}
+    assert set(q["selection"]["decoder"]["candidates"]) == {"weight-only", "fp32", "weight-only-lowered",
+                                                             "fp32-lowered"}
     import onnx
 
     graph_ops = {n.op_type for n in onnx.load(str(ort_int8.part_file("decoder"))).graph.node}
-    assert ("MatMulNBits" in graph_ops) == (q["selection"]["decoder"]["chosen"] == "weight-only")
+    chosen = q["selection"]["decoder"]["chosen"]
+    assert ("MatMulNBits" in graph_ops) == chosen.startswith("weight-only")
+    lowered = ort_int8.part_file("decoder", "onnxruntime")
+    assert (lowered != ort_int8.part_file("decoder")) == chosen.endswith("-lowered")
+    if chosen.endswith("-lowered"):
+        ops = {n.op_type for n in onnx.load(str(lowered)).graph.node}
+        assert "GroupQueryAttention" in ops and m["parts"]["decoder"]["lowered"]["onnxruntime"]["nodes"] > 0
 
 
 @needs_torch

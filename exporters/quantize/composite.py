@@ -14,7 +14,8 @@ on held-out inputs, and the fastest that keeps the accuracy gate is written:
 |         | int8 or uint8 weights), static Q/DQ (MinMax)     | weight compression                         |
 | embed   | fp32, INT8 table (dynamic Gather quantization)   | fp32                                       |
 | decoder | weight-only MatMulNBits (8 or 4 bits, integer    | NNCF INT8_SYM / INT4_SYM weights           |
-|         | compute: accuracy_level 4)                       |                                            |
+|         | compute: accuracy_level 4), int8: FP32 too; each | (int8: FP32 IR too)                        |
+|         | also lowered to ORT's fused operators            |                                            |
 
 The manifest records each part's precision and method and, under
 ``quantization.selection``, every candidate's timing and cosine with the machine they were
@@ -48,9 +49,10 @@ class CompositeRecipe:
     block_size: int | None = None            # weight-only blocks (default per backend, recipes.py)
     min_cosine: float = 0.99                 # every part's output vs FP32 on held-out inputs
     embed_min_cosine: float = 0.999          # an embedding table is cheap to keep in float
+    int4_min_cosine: float = 0.95            # decoder logits with 4-bit weights (random-weight models: ~0.97)
     rounds: int = 5                          # interleaved timing rounds per candidate
-    calib_samples: int = 16                  # images for the static INT8 candidates (NNCF, Q/DQ)
-    held_out_images: int = 4                 # for the parity report and the gate
+    calib_samples: int = 8                   # images for the static INT8 candidates (NNCF, Q/DQ)
+    held_out_images: int = 2                 # for the parity report and the gate
     vision_candidates: tuple[str, ...] | None = None   # None: every candidate of the target
 
     @property
@@ -84,6 +86,7 @@ class Candidate:
     build_s: float = 0.0
     timing: dict = field(default_factory=dict)
     cosine: float | None = None
+    portable: Path | None = None  # a lowered candidate's portable graph (the part's ONNX when it is chosen)
 
     def summary(self) -> dict:
         return {"precision": self.precision, "method": self.method, "build_s": round(self.build_s, 1),
@@ -173,7 +176,7 @@ def _runner(backend: str, path: Path, precision: str, threads):
 
 
 def measure(candidates: list[Candidate], backend: str, feeds: list[dict], reference: list[dict], rounds: int,
-            threads=None, log=print) -> None:
+            threads=None, log=print, outputs=None) -> None:
     """Time every candidate on ``feeds[0]`` in interleaved rounds (at least ``rounds``, more for calls
     shorter than TIMED_S / rounds; after a warm-up pass) and take its worst cosine vs ``reference``
     over all feeds; fills ``timing`` and ``cosine``."""
@@ -185,7 +188,7 @@ def measure(candidates: list[Candidate], backend: str, feeds: list[dict], refere
         for c in candidates:
             r = runners[c.name]
             outs = [r.infer(f) for f in feeds]
-            c.cosine = min(d.cosine for o, ref in zip(outs, reference) for d in diff_outputs(ref, o))
+            c.cosine = min(d.cosine for o, ref in zip(outs, reference) for d in diff_outputs(ref, o, outputs))
         fastest = min(_seconds(runners[c.name], feeds[0]) for c in candidates)
         rounds = max(rounds, min(MAX_ROUNDS, int(TIMED_S / max(fastest, 1e-6))))   # short calls: more rounds
         for _ in range(rounds):
@@ -261,13 +264,27 @@ def _decoder(src, writer, target: str, work: Path, recipe: CompositeRecipe, held
             fp32 = _built("fp32", "fp32", "FP32 IR (f32 inference hint)", lambda p: _save_ir(fp32_onnx, p),
                           work / "decoder-fp32.xml")
         cands.append(fp32)
+    if target == "onnxruntime":          # the same weights lowered to ORT's fused operators (exporters/lower)
+        from edgevl.exporters.lower.onnxruntime_decoder import lower_onnx
+
+        lowered = info["lowered"] = {}
+        for c in list(cands):
+            t = time.perf_counter()
+            path = work / f"decoder-{c.name}-lowered.onnx"
+            lowered[c.name] = lower_onnx(c.path, src.manifest["decoder"], path)
+            cands.append(Candidate(f"{c.name}-lowered", path, c.precision, f"{c.method}, lowered: GroupQueryAttention"
+                                   " over the KV cache in place, SkipSimplifiedLayerNormalization",
+                                   time.perf_counter() - t + c.build_s, portable=c.path))
     steps = [f for f in held if f["inputs_embeds"].shape[1] == 1] or held
     steps = sorted(steps, key=lambda f: -int(f["past_len"].max()))[:4]       # the longest caches first
     log(f"  decoder candidates on {target} (a decode step at position {int(steps[0]['past_len'].max())}):")
-    measure(cands, target, steps, _reference_outputs(src, "decoder", steps, threads), recipe.rounds, threads, log)
-    order = ranked(cands, recipe.min_cosine)
+    measure(cands, target, steps, _reference_outputs(src, "decoder", steps, threads), recipe.rounds, threads, log,
+            outputs=("logits",))
+    gate = recipe.min_cosine if wo.bits == 8 else recipe.int4_min_cosine
+    order = ranked(cands, gate)
     if not order:
-        raise QuantizationError(f"no decoder candidate kept logits cosine >= {recipe.min_cosine} vs FP32")
+        raise QuantizationError(f"no decoder candidate kept logits cosine >= {gate} vs FP32 ("
+                                + ", ".join(f"{c.name} {c.cosine:.4f}" for c in cands) + "); try int8 or int4-wo")
     chosen = order[0]
     spec = writer.manifest["parts"]["decoder"]
     if target == "openvino":
@@ -275,12 +292,22 @@ def _decoder(src, writer, target: str, work: Path, recipe: CompositeRecipe, held
         shutil.copyfile(chosen.path, writer.file(ir))
         shutil.copyfile(chosen.path.with_suffix(".bin"), writer.file(ir[:-4] + ".bin"))
         spec["artifacts"] = {"openvino": ir}
-    portable = work / "decoder-wo.onnx" if chosen.name == "weight-only" else fp32_onnx
+    portable = chosen.portable or (work / "decoder-wo.onnx" if chosen.name == "weight-only" else fp32_onnx)
     writer.copy_in(portable, spec["onnx"])
+    if chosen.name.endswith("-lowered"):
+        from edgevl.exporters.lower.onnxruntime_decoder import LOWERED_FILE
+
+        writer.copy_in(chosen.path, LOWERED_FILE)
+        spec["artifacts"] = {"onnxruntime": LOWERED_FILE}
+        lowered = lowered[chosen.name[:-len("-lowered")]]
+        spec["lowered"] = {"onnxruntime": {"file": LOWERED_FILE, "from": spec["onnx"], "ops": sorted(lowered["ops"]),
+                                           "nodes": lowered["nodes"], "portable_nodes": lowered["portable_nodes"],
+                                           "weights": lowered["weights"],
+                                           "tool": "edgevl.exporters.lower.onnxruntime_decoder"}}
     spec["precision"], spec["method"] = chosen.precision, chosen.method
     log(f"  decoder: {chosen.name} ({chosen.method})")
     return {"precision": chosen.precision, "method": chosen.method, "recipe": wo.to_dict(), "tools": info,
-            "selection": selection_record("decoder", target, cands, chosen, recipe.min_cosine)}
+            "selection": selection_record("decoder", target, cands, chosen, gate)}
 
 
 def _place(writer, part: str, target: str, chosen: Candidate, src) -> None:

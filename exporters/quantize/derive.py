@@ -59,6 +59,7 @@ def derived_writer(src: Bundle, out: str | Path, replace: Iterable[str], force: 
         manifest.pop("files", None)
         for part in replace:
             manifest["parts"][part].pop("artifacts", None)
+            manifest["parts"][part].pop("lowered", None)          # described the artefacts just dropped
         manifest["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         manifest.setdefault("provenance", {})["derived_from"] = {
             "bundle": str(src.path), "precision": src.precision, "created": src.manifest.get("created")}
