@@ -144,3 +144,50 @@ def check_tool(tool: str, root: Path, peer: str, cache_dir: Path) -> None:
         where = "" if Path(cache_dir) == default_cache_dir() else f" --cache-dir {cache_dir}"
         raise PeerCannotRun(f"{peer} needs {tool} in {root} ({', '.join(missing)} missing); make it once with "
                             f"`bash benchmarks/peers_venv/{script}{where}`")
+
+
+def ort_dynamic_bundle(model: str, preparer) -> tuple[Path, bool, str]:
+    """Our FP32 bundle with its vision and decoder graphs through ``quantize_dynamic``."""
+    from edgevl.benchmarks.bundles import cache_key, cached_bundle
+
+    fp32, _, _ = preparer.bundle(model, "onnxruntime", "fp32")
+    key = cache_key(preparer.checkpoint_hash(model), "onnxruntime", "int8-dynamic", tool="ort-quantize-dynamic")
+    path, reused = cached_bundle(preparer.cache_dir, preparer.model(model).name + "-ortq", key,
+                                 lambda out: quantize_bundle_dynamic(fp32, out), preparer.rebuild)
+    return path, reused, key
+
+
+def quantize_bundle_dynamic(src: Path, out: Path, parts=("vision", "decoder")) -> Path:
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # ORT logs a "consider pre-processing" hint per graph on the root logger; the peer is plain
+    # quantize_dynamic on purpose, so the hint is noise here
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+
+    from edgevl.bundle import BundleWriter, load_bundle
+
+    bundle = load_bundle(src)
+    writer = BundleWriter(out, force=True)
+    try:
+        for rel in bundle.manifest["files"]:
+            part = next((p for p in parts if bundle.parts[p]["onnx"] == rel), None)
+            if part is None:
+                writer.copy_in(bundle.path / rel, rel)
+            else:
+                quantize_dynamic(str(bundle.path / rel), str(writer.file(rel)), weight_type=QuantType.QInt8,
+                                 per_channel=True)
+        manifest = {k: v for k, v in bundle.manifest.items() if k not in ("files", "format", "schema_version")}
+        manifest["precision"] = "int8-dynamic"
+        manifest["quantization"] = {"method": "onnxruntime.quantization.quantize_dynamic", "scheme": "QInt8 per-channel weights",
+                                    "parts": list(parts), "tool": "peer (benchmark)"}
+        writer.manifest.update(manifest)
+        return writer.commit().path
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        root.setLevel(level)
