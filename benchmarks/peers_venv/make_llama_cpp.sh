@@ -21,21 +21,9 @@
 #   BENCH_CACHE: `edgevl bench --cache-dir` (default ${EDGEVL_CACHE:-~/.cache/edgevl}/bench)
 set -euo pipefail
 version="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"      # = LLAMA_CPP_VERSION in benchmarks/peers.py
-bench_cache="${EDGEVL_CACHE:-$HOME/.cache/edgevl}/bench"
-force=0
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --force) force=1 ;;
-        --cache-dir) bench_cache="$2"; shift ;;
-        *) echo "usage: $0 [--force] [--cache-dir BENCH_CACHE]" >&2; exit 2 ;;
-    esac
-    shift
-done
+source "$(dirname "${BASH_SOURCE[0]}")/peer_tool_args.sh"
 dir="$bench_cache/peers/llama.cpp/$version"
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-python="${PYTHON:-$here/../../.venv/bin/python}"
 jobs="${JOBS:-2}"
-start=$(date +%s)
 
 if [ "$force" = 1 ]; then rm -rf "$dir/build" "$dir/READY"; fi
 if [ -f "$dir/READY" ]; then

@@ -14,20 +14,8 @@
 #   BENCH_CACHE: `edgevl bench --cache-dir` (default ${EDGEVL_CACHE:-~/.cache/edgevl}/bench)
 set -euo pipefail
 version="${ORT_GENAI_VERSION:-0.18.0}"            # = ORT_GENAI_VERSION in benchmarks/peers.py
-bench_cache="${EDGEVL_CACHE:-$HOME/.cache/edgevl}/bench"
-force=0
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --force) force=1 ;;
-        --cache-dir) bench_cache="$2"; shift ;;
-        *) echo "usage: $0 [--force] [--cache-dir BENCH_CACHE]" >&2; exit 2 ;;
-    esac
-    shift
-done
+source "$(dirname "${BASH_SOURCE[0]}")/peer_tool_args.sh"
 dir="$bench_cache/peers/ort-genai/$version"
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-python="${PYTHON:-$here/../../.venv/bin/python}"
-start=$(date +%s)
 
 if [ "$force" = 1 ]; then rm -rf "$dir"; fi
 if [ -f "$dir/READY" ]; then
