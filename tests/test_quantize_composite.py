@@ -65,7 +65,9 @@ def test_int8_onnxruntime_records_each_part_and_keeps_the_fastest_gated_candidat
     assert set(q["selection"]["vision"]["candidates"]) == {"fp32", "dynamic-int8", "dynamic-int8-per-channel",
                                                             "dynamic-uint8", "static-qdq"}
     assert set(q["selection"]["decoder"]["candidates"]) == {"weight-only", "fp32", "weight-only-lowered",
-                                                             "fp32-lowered"}
+                                                             "fp32-lowered", "dynamic-int8"}
+    for c in q["selection"]["decoder"]["candidates"].values():      # ranked by a whole answer's cost
+        assert c["median_ms"] == pytest.approx(c["prefill_ms"] + 32 * c["step_ms"], abs=0.02)
     import onnx
 
     graph_ops = {n.op_type for n in onnx.load(str(ort_int8.part_file("decoder"))).graph.node}

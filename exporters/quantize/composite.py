@@ -14,8 +14,12 @@ on held-out inputs, and the fastest that keeps the accuracy gate is written:
 |         | int8 or uint8 weights), static Q/DQ (MinMax)     | weight compression                         |
 | embed   | fp32, INT8 table (dynamic Gather quantization)   | fp32                                       |
 | decoder | weight-only MatMulNBits (8 or 4 bits, integer    | NNCF INT8_SYM / INT4_SYM weights           |
-|         | compute: accuracy_level 4), int8: FP32 too; each | (int8: FP32 IR too)                        |
-|         | also lowered to ORT's fused operators            |                                            |
+|         | compute: accuracy_level 4), int8: FP32 and       | (int8: FP32 IR too)                        |
+|         | dynamic INT8 too; each MatMul(NBits) graph also  |                                            |
+|         | lowered to ORT's fused operators                 |                                            |
+
+Decoders are ranked by what an answer costs: a prefill of the image block and a prompt plus
+``answer_tokens`` (32) decode steps.
 
 The manifest records each part's precision and method and, under
 ``quantization.selection``, every candidate's timing and cosine with the machine they were
@@ -50,6 +54,7 @@ class CompositeRecipe:
     min_cosine: float = 0.99                 # every part's output vs FP32 on held-out inputs
     embed_min_cosine: float = 0.999          # an embedding table is cheap to keep in float
     int4_min_cosine: float = 0.95            # decoder logits with 4-bit weights (random-weight models: ~0.97)
+    answer_tokens: int = 32                  # decoders are ranked by prefill + this many decode steps
     rounds: int = 5                          # interleaved timing rounds per candidate
     calib_samples: int = 8                   # images for the static INT8 candidates (NNCF, Q/DQ)
     held_out_images: int = 2                 # for the parity report and the gate
@@ -275,11 +280,16 @@ def _decoder(src, writer, target: str, work: Path, recipe: CompositeRecipe, held
             cands.append(Candidate(f"{c.name}-lowered", path, c.precision, f"{c.method}, lowered: GroupQueryAttention"
                                    " over the KV cache in place, SkipSimplifiedLayerNormalization",
                                    time.perf_counter() - t + c.build_s, portable=c.path))
+    if wo.bits == 8 and target == "onnxruntime":    # the one-line peer's recipe is a candidate like any other
+        cands.append(_built("dynamic-int8", "int8", "onnxruntime quantize_dynamic (QInt8 weights, per channel, "
+                            "activations quantized per call)",
+                            lambda p: _dynamic(fp32_onnx, p, "QInt8", per_channel=True), work / "decoder-dyn.onnx"))
     steps = [f for f in held if f["inputs_embeds"].shape[1] == 1] or held
     steps = sorted(steps, key=lambda f: -int(f["past_len"].max()))[:4]       # the longest caches first
-    log(f"  decoder candidates on {target} (a decode step at position {int(steps[0]['past_len'].max())}):")
-    measure(cands, target, steps, _reference_outputs(src, "decoder", steps, threads), recipe.rounds, threads, log,
-            outputs=("logits",))
+    prefill = max(held, key=lambda f: f["inputs_embeds"].shape[1])           # the image block + a prompt
+    log(f"  decoder candidates on {target}: an answer = prefill of {prefill['inputs_embeds'].shape[1]} tokens + "
+        f"{recipe.answer_tokens} decode steps (at position {int(steps[0]['past_len'].max())})")
+    answer_cost(cands, target, steps, prefill, recipe, src, threads, log)
     gate = recipe.min_cosine if wo.bits == 8 else recipe.int4_min_cosine
     order = ranked(cands, gate)
     if not order:
@@ -308,6 +318,28 @@ def _decoder(src, writer, target: str, work: Path, recipe: CompositeRecipe, held
     log(f"  decoder: {chosen.name} ({chosen.method})")
     return {"precision": chosen.precision, "method": chosen.method, "recipe": wo.to_dict(), "tools": info,
             "selection": selection_record("decoder", target, cands, chosen, gate)}
+
+
+def answer_cost(cands: list[Candidate], target: str, steps: list[dict], prefill: dict, recipe: CompositeRecipe,
+                src, threads, log) -> None:
+    """Rank decoders by what an answer costs them, prefill + ``answer_tokens`` steps: a kernel that
+    wins per step can lose the prompt (MatMulNBits' 8-bit integer kernel vs MatMulInteger on
+    80-220-token prompts, benchmarks/results/bench_e2e.md). ``timing['median_ms']`` is that cost."""
+    quiet = lambda *a: None                                                   # noqa: E731
+    measure(cands, target, [prefill], _reference_outputs(src, "decoder", [prefill], threads), recipe.rounds,
+            threads, quiet, outputs=("logits",))
+    first = {c.name: (c.timing, c.cosine) for c in cands}
+    measure(cands, target, steps, _reference_outputs(src, "decoder", steps, threads), recipe.rounds, threads, quiet,
+            outputs=("logits",))
+    for c in cands:
+        pre, cos = first[c.name]
+        step = c.timing
+        c.cosine = min(cos, c.cosine)
+        c.timing = {"median_ms": round(pre["median_ms"] + recipe.answer_tokens * step["median_ms"], 2),
+                    "prefill_ms": pre["median_ms"], "step_ms": step["median_ms"],
+                    "step_p10_ms": step["p10_ms"], "step_p90_ms": step["p90_ms"], "runs": step["runs"]}
+        log(f"    {c.name:<26} {c.timing['median_ms']:9.1f} ms per answer (prefill {pre['median_ms']:.1f} + "
+            f"{recipe.answer_tokens} x {step['median_ms']:.2f}), cosine {c.cosine:.5f}")
 
 
 def _place(writer, part: str, target: str, chosen: Candidate, src) -> None:
