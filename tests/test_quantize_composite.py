@@ -73,6 +73,9 @@ def test_int8_onnxruntime_records_each_part_and_keeps_the_fastest_gated_candidat
     graph_ops = {n.op_type for n in onnx.load(str(ort_int8.part_file("decoder"))).graph.node}
     chosen = q["selection"]["decoder"]["chosen"]
     assert ("MatMulNBits" in graph_ops) == chosen.startswith("weight-only")
+    assert ("DynamicQuantizeLinear" in graph_ops or "MatMulInteger" in graph_ops) == (chosen == "dynamic-int8")
+    assert ("MatMul" in graph_ops and not graph_ops & {"MatMulNBits", "MatMulInteger", "DynamicQuantizeLinear"}) == \
+        chosen.startswith("fp32")
     lowered = ort_int8.part_file("decoder", "onnxruntime")
     assert (lowered != ort_int8.part_file("decoder")) == chosen.endswith("-lowered")
     if chosen.endswith("-lowered"):
