@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from edgevl.errors import CompileError
+from edgevl.exporters.onnx_io import PROTOBUF_LIMIT, save_onnx
 
 FP16_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
 FP32_OPS = frozenset({
@@ -39,7 +40,6 @@ TYPE_AGNOSTIC = frozenset({"Shape", "Size", "Cast", "NonZero"})   # take any flo
 FIXED_INPUTS = {"Resize": {1, 2}, "Upsample": {1}, "Dropout": {1}}  # float inputs whose type is fixed by the op
 CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 FP16_MAX = 65504.0
-PROTOBUF_LIMIT = (1 << 31) - (1 << 26)      # serialized protobuf must stay under 2 GB (with a margin)
 
 
 def convert_model(model, base_dir: str | Path = "", fp32_ops=FP32_OPS, fp16_ops=FP16_OPS):
@@ -180,9 +180,5 @@ def convert_file(src: str | Path, dst: str | Path) -> dict:
     model = onnx.load(str(src), load_external_data=False)
     converted, report = convert_model(model, base_dir=src.parent)
     onnx.load_external_data_for_model(converted, str(src.parent))   # the FP32 weights that stay FP32
-    if converted.ByteSize() > PROTOBUF_LIMIT:
-        onnx.save_model(converted, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=dst.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(converted, str(dst))
+    save_onnx(converted, dst)
     return report

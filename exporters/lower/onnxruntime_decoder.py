@@ -66,12 +66,12 @@ import numpy as np
 from edgevl.bundle import Bundle
 from edgevl.errors import ExportError
 from edgevl.exporters.lower.portable_decoder import Linear, PortableDecoder, read_portable_decoder
+from edgevl.exporters.onnx_io import save_onnx
 from edgevl.runtimes.onnxruntime import KV_IN_PLACE_KEY
 
 LOWERED_FILE = "onnxruntime/decoder_lowered.onnx"
 OPSET = 17
 MAX_IR_VERSION = 10
-EXTERNAL_DATA_THRESHOLD = 2 << 30
 MS = "com.microsoft"
 
 
@@ -204,19 +204,6 @@ def build_lowered(dec: PortableDecoder):
     return model
 
 
-def save_model(model, path: Path) -> Path:
-    """Save, moving the weights to one external data file past protobuf's 2 GB limit."""
-    import onnx
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
-    return path
-
-
 def op_counts(path: Path) -> dict[str, int]:
     import onnx
 
@@ -230,7 +217,7 @@ def lower_onnx(src: Path, decoder_spec: dict, out: Path) -> dict:
     """Write the lowered form of the portable decoder ONNX ``src`` to ``out``; its weights are
     the portable graph's (float32, or its MatMulNBits carried over as they are)."""
     dec = read_portable_decoder(src, decoder_spec)
-    save_model(build_lowered(dec), out)
+    save_onnx(build_lowered(dec), out)
     ops = op_counts(out)
     return {"layers": len(dec.layers), "weights": dec.weight_kinds, "nodes": sum(ops.values()),
             "portable_nodes": sum(dec.source_ops.values()), "ops": ops}
