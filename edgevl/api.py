@@ -220,11 +220,13 @@ class VLM:
 
 def load(bundle: str | Path, backend: str | None = None, threads: int | dict | None = None, device: str | None = None,
          options: dict | None = None, batching: bool = False, max_batch_size: int = 8, max_wait_ms: float = 5.0,
-         max_queue_size: int = 256, verbose: bool = True) -> VLM:
+         max_queue_size: int = 256, verbose: bool = True, trust=None) -> VLM:
     """Load a bundle on a backend (the best installed one for this machine when ``backend`` is None).
     ``threads`` (a count, or {part: count}) defaults to the backend's own choice, and with
-    ``batching=True`` to ``batching_threads()`` (image encoding and decoding run at the same time)."""
-    b = load_bundle(bundle)
+    ``batching=True`` to ``batching_threads()`` (image encoding and decoding run at the same time).
+    ``trust``: public keys (.pub files, folders of them) one of which must have signed the bundle;
+    None applies the device policy ``EDGEVL_TRUST`` if set (see edgevl.signing)."""
+    b = load_bundle(bundle, trust=trust)
     if backend is None:
         backend, reason = choose_backend(b)
         if verbose:

@@ -35,7 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from edgevl.containment import BundleFiles, check_manifest_paths
 from edgevl.errors import BundleError
+from edgevl.manifest_schema import MAX_MANIFEST_BYTES, validate_manifest
+from edgevl.signing import Signer, check_signature, policy_from
 
 FORMAT = "edgevl-bundle"
 SCHEMA_VERSION = 1
@@ -53,10 +56,21 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 @dataclass
 class Bundle:
-    """A validated bundle on disk. ``manifest`` is the parsed manifest.json."""
+    """A bundle on disk. ``manifest`` is the parsed manifest.json. Every path a runner, the
+    tokenizer or a report reader opens comes from ``file`` / ``part_file``, i.e. from the
+    containment resolver (edgevl.containment). ``load_bundle`` makes bundles whose files were
+    all checked; a Bundle built directly (the compile side, on its own output) still refuses
+    paths that leave its directory."""
 
     path: Path
     manifest: dict
+    files: BundleFiles | None = field(default=None, repr=False)
+    signer: Signer | None = None        # who signed it (verified under a trust policy)
+    verified: bool = False              # every listed file's sha256 checked at load
+
+    def __post_init__(self):
+        if self.files is None:
+            self.files = BundleFiles(self.path, self.manifest.get("files", {}), require_listed=False)
 
     @property
     def parts(self) -> dict:
@@ -66,24 +80,50 @@ class Bundle:
     def precision(self) -> str:
         return self.manifest.get("precision", "fp32")
 
+    def file(self, rel: str, field_name: str) -> Path:
+        """The checked real path of a file the manifest names in ``field_name``."""
+        return self.files.resolve(rel, field_name)
+
     def part_file(self, part: str, backend: str | None = None) -> Path:
         """The file a backend should load for ``part``: its compiled artefact, else the ONNX."""
         if part not in self.parts:
             raise BundleError(f"{self.path}: bundle has no part {part!r}; it has {sorted(self.parts)}")
         spec = self.parts[part]
         artefact = spec.get("artifacts", {}).get(backend) if backend else None
-        return self.path / (artefact or spec["onnx"])
+        if artefact:
+            return self.file(artefact, f"parts.{part}.artifacts.{backend}")
+        return self.file(spec["onnx"], f"parts.{part}.onnx")
+
+    def prefill_file(self, part: str, backend: str | None) -> Path | None:
+        """A second graph of ``part`` that ``backend`` runs prompts (T > 1) with, or None: the
+        composite ``int4`` recipe may prefill with an int8 graph what its 4-bit graph decodes
+        (exporters/quantize/composite.py). Same inputs, outputs and KV cache as the part."""
+        rel = self.parts.get(part, {}).get("prefill", {}).get(backend) if backend else None
+        return self.file(rel, f"parts.{part}.prefill.{backend}") if rel else None
 
     def report(self, name: str) -> dict | None:
         rel = self.manifest.get("reports", {}).get(name)
-        return json.loads((self.path / rel).read_text()) if rel else None
+        if not rel:
+            return None
+        path = self.file(rel, f"reports.{name}")
+        try:
+            return json.loads(path.read_text())
+        except (ValueError, RecursionError) as e:
+            raise BundleError(f"{path}: report {name!r} is not valid JSON ({e}); rebuild the bundle") from e
 
     def __getitem__(self, key: str):
         return self.manifest[key]
 
 
-def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
-    """Read and validate a bundle: schema, presence and sha256 of every listed file."""
+def load_bundle(path: str | Path, verify: bool = True, trust=None) -> Bundle:
+    """Read and validate a bundle, in this order: the manifest's bytes (read once, size-capped),
+    their signature under the trust policy, the schema and its bounds, containment of every
+    path the manifest names, and the sha256 of every listed file.
+
+    ``trust``: public keys (files, folders, PEM, key objects) a signature must come from; None
+    uses the device policy (``EDGEVL_TRUST``; none set: signatures are read, not required);
+    False skips signatures (build tools signing their own output). Under a policy every file's
+    hash is checked even with ``verify=False``: a signature vouches only for verified files."""
     path = Path(path)
     manifest_path = path / MANIFEST
     if not path.is_dir():
@@ -91,12 +131,21 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     if not manifest_path.is_file():
         raise BundleError(f"{path}: not a bundle, {MANIFEST} is missing "
                           "(an interrupted write never leaves one; rebuild it with `edgevl export`)")
+    policy = None if trust is False else policy_from(trust)
+    root = path.resolve()          # once: a models/current symlink switched mid-load changes nothing here
+    with open(root / MANIFEST, "rb") as f:
+        raw = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{manifest_path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; it is not an edgevl "
+                          "manifest (damaged or hostile), rebuild the bundle")
+    signer = check_signature(root, raw, policy) if trust is not False else None
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(raw)
+    except (ValueError, RecursionError) as e:
         raise BundleError(f"{manifest_path}: not valid JSON ({e}); the bundle is damaged, rebuild it") from e
-    if manifest.get("format") != FORMAT:
-        raise BundleError(f"{manifest_path}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise BundleError(f"{manifest_path}: format is {got!r}, expected {FORMAT!r}")
     version = manifest.get("schema_version")
     if not isinstance(version, int) or version > SCHEMA_VERSION:
         raise BundleError(
@@ -106,12 +155,21 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     for key in ("parts", "files", "preprocess", "tokenizer", "prompt", "decoder"):
         if key not in manifest:
             raise BundleError(f"{manifest_path}: required field {key!r} is missing")
-    if verify:
-        verify_files(path, manifest)
-    return Bundle(path, manifest)
+    try:
+        validate_manifest(manifest)
+    except BundleError as e:
+        raise BundleError(f"{manifest_path}: {e}") from None
+    files = BundleFiles(root, manifest["files"])
+    for rel in manifest["files"]:
+        files.resolve(rel, f"files[{rel!r}]")
+    if verify or policy is not None:
+        verify_files(root, manifest)
+    check_manifest_paths(files, manifest)
+    return Bundle(root, manifest, files, signer, verified=verify or policy is not None)
 
 
 def verify_files(path: Path, manifest: dict) -> None:
+    """Presence, size and sha256 of every listed file (their paths checked by the caller)."""
     for rel, meta in manifest["files"].items():
         f = path / rel
         if not f.is_file():
@@ -227,6 +285,8 @@ def describe(bundle: Bundle) -> str:
             lines.append(f"    {kind:<8} {text}")
         for backend, rel in part.get("artifacts", {}).items():
             lines.append(f"    {backend:<8} {rel}")
+        for backend, rel in part.get("prefill", {}).items():
+            lines.append(f"    {backend:<8} {rel} (prompts; {part.get('prefill_method', '?')})")
     d = m["decoder"]
     lines.append(f"  decoder     {d['n_layers']} layers, {d['n_kv_heads']} KV heads x {d['head_dim']}, "
                  f"vocab {d['vocab_size']}, max position {d['max_position']}")
@@ -243,5 +303,7 @@ def describe(bundle: Bundle) -> str:
     for name, rel in m.get("reports", {}).items():
         lines.append(f"  report      {name}: {rel}")
     total = sum(f["bytes"] for f in m["files"].values())
-    lines.append(f"  files       {len(m['files'])} ({total / 1e6:.1f} MB), sha256 verified")
+    lines.append(f"  files       {len(m['files'])} ({total / 1e6:.1f} MB), "
+                 + ("sha256 verified" if bundle.verified else "sha256 NOT verified"))
+    lines.append(f"  signed by   {bundle.signer.describe()}" if bundle.signer else "  signed by   nobody (unsigned)")
     return "\n".join(lines)

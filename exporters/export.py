@@ -195,7 +195,11 @@ def build_manifest(vlm: ExportableVLM, root: Path, files: dict) -> dict:
         inputs, outputs = io_spec(root / rel)
         parts[part] = {"onnx": rel, "inputs": inputs, "outputs": outputs}
     spec = vlm.decoder.spec
-    return {
+    variants = spec.variants()
+    embed_scale = getattr(getattr(vlm.embed, "embedding", None), "scalar_embed_scale", 1.0)   # HF Gemma
+    if float(embed_scale) != 1.0:
+        variants["embed_scale"] = float(embed_scale)          # applied in the embed part, recorded here
+    manifest = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": {"name": vlm.name, "family": vlm.family, "architecture": vlm.architecture, "source": vlm.source},
         "precision": "fp32",
@@ -203,7 +207,7 @@ def build_manifest(vlm: ExportableVLM, root: Path, files: dict) -> dict:
         "parts": parts,
         "decoder": {"n_layers": spec.n_layers, "n_kv_heads": spec.n_kv_heads, "head_dim": spec.head_dim,
                     "hidden_dim": spec.hidden_dim, "vocab_size": spec.vocab_size, "max_position": vlm.max_position,
-                    "kv_dtype": "float32"},
+                    "kv_dtype": "float32", **({"variants": variants} if variants else {})},
         "preprocess": vlm.preprocess,
         "tokenizer": {"file": "tokenizer.json", **vlm.tokenizer},
         "prompt": vlm.prompt,
@@ -213,3 +217,5 @@ def build_manifest(vlm: ExportableVLM, root: Path, files: dict) -> dict:
                        "onnx": onnx.__version__, "edgevl": __version__, "host": platform.node(),
                        "python": platform.python_version()},
     }
+    manifest.update(vlm.manifest_extra)
+    return manifest

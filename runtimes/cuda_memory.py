@@ -242,7 +242,13 @@ class PyCudaMemory(CudaMemory):
 
 
 class CudaPythonMemory(CudaMemory):
-    """cuda-python's runtime bindings (``cuda.bindings.runtime``, or ``cuda.cudart`` before 12.6)."""
+    """cuda-python's runtime bindings (``cuda.bindings.runtime``, or ``cuda.cudart`` before 12.6).
+
+    The CUDA runtime's current device is per host thread (``cudaSetDevice`` "sets device as the
+    current device for the calling host thread"), so setting it once in ``__init__`` would leave
+    the scheduler's and a server's threads allocating and copying on device 0. Every call here
+    runs under ``activate()``, which sets this device on the calling thread and restores the
+    thread's previous device afterwards (as pycuda's context push/pop does)."""
 
     name = "cuda-python"
 
@@ -261,7 +267,7 @@ class CudaPythonMemory(CudaMemory):
         if count <= device_index:
             raise BackendUnavailable(f"tensorrt: CUDA sees {count} GPU(s), GPU {device_index} was asked for")
         self.index = device_index
-        self._call(cudart.cudaSetDevice(device_index))
+        self._call(cudart.cudaSetDevice(device_index))    # fail here, not on first use, for a bad device
         self._pinned: dict[int, int] = {}
 
     def _call(self, result):
@@ -270,22 +276,36 @@ class CudaPythonMemory(CudaMemory):
             raise RuntimeError(f"CUDA error {err}")
         return rest[0] if len(rest) == 1 else (tuple(rest) if rest else None)
 
+    @contextlib.contextmanager
+    def activate(self):
+        previous = int(self._call(self.rt.cudaGetDevice()))
+        if previous != self.index:
+            self._call(self.rt.cudaSetDevice(self.index))
+        try:
+            yield
+        finally:
+            if previous != self.index:
+                self._call(self.rt.cudaSetDevice(previous))
+
     def device_info(self):
         prop = self._call(self.rt.cudaGetDeviceProperties(self.index))
         name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
         return name.rstrip("\x00").strip(), f"{prop.major}.{prop.minor}"
 
     def alloc(self, nbytes):
-        return DeviceBuffer(int(self._call(self.rt.cudaMalloc(max(1, int(nbytes))))), int(nbytes))
+        with self.activate():
+            return DeviceBuffer(int(self._call(self.rt.cudaMalloc(max(1, int(nbytes))))), int(nbytes))
 
     def free(self, buf):
-        self._call(self.rt.cudaFree(buf.ptr))
+        with self.activate():
+            self._call(self.rt.cudaFree(buf.ptr))
 
     def pinned(self, nbytes):
         import ctypes
 
         n = max(1, int(nbytes))
-        ptr = int(self._call(self.rt.cudaMallocHost(n)))
+        with self.activate():
+            ptr = int(self._call(self.rt.cudaMallocHost(n)))
         host = np.ctypeslib.as_array((ctypes.c_uint8 * n).from_address(ptr))
         self._pinned[host.ctypes.data] = ptr
         return host
@@ -293,37 +313,46 @@ class CudaPythonMemory(CudaMemory):
     def free_pinned(self, host):
         ptr = self._pinned.pop(host.ctypes.data, None)
         if ptr is not None:
-            self._call(self.rt.cudaFreeHost(ptr))
+            with self.activate():
+                self._call(self.rt.cudaFreeHost(ptr))
 
     def new_stream(self):
-        return int(self._call(self.rt.cudaStreamCreate()))
+        with self.activate():
+            return int(self._call(self.rt.cudaStreamCreate()))
 
     def destroy_stream(self, stream):
-        self._call(self.rt.cudaStreamDestroy(stream))
+        with self.activate():
+            self._call(self.rt.cudaStreamDestroy(stream))
 
     def synchronize(self, stream):
-        self._call(self.rt.cudaStreamSynchronize(stream))
+        with self.activate():
+            self._call(self.rt.cudaStreamSynchronize(stream))
 
     def _kind(self, name):
         return getattr(self.rt.cudaMemcpyKind, name)
 
     def htod(self, dst, src, stream):
-        self._call(self.rt.cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes,
-                                           self._kind("cudaMemcpyHostToDevice"), stream))
+        with self.activate():
+            self._call(self.rt.cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes,
+                                               self._kind("cudaMemcpyHostToDevice"), stream))
 
     def dtoh(self, dst, src, stream):
-        self._call(self.rt.cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes,
-                                           self._kind("cudaMemcpyDeviceToHost"), stream))
+        with self.activate():
+            self._call(self.rt.cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes,
+                                               self._kind("cudaMemcpyDeviceToHost"), stream))
 
     def dtod(self, dst, src, nbytes, stream):
-        self._call(self.rt.cudaMemcpyAsync(dst, src, nbytes, self._kind("cudaMemcpyDeviceToDevice"), stream))
+        with self.activate():
+            self._call(self.rt.cudaMemcpyAsync(dst, src, nbytes, self._kind("cudaMemcpyDeviceToDevice"), stream))
 
     def copy2d(self, dst, dst_pitch, src, src_pitch, width, height, stream):
-        self._call(self.rt.cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, height,
-                                             self._kind("cudaMemcpyDeviceToDevice"), stream))
+        with self.activate():
+            self._call(self.rt.cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, height,
+                                                 self._kind("cudaMemcpyDeviceToDevice"), stream))
 
     def zero(self, ptr, nbytes, stream):
-        self._call(self.rt.cudaMemsetAsync(ptr, 0, nbytes, stream))
+        with self.activate():
+            self._call(self.rt.cudaMemsetAsync(ptr, 0, nbytes, stream))
 
 
 _OPEN: dict[int, CudaMemory] = {}

@@ -25,7 +25,7 @@ import importlib.util
 
 import numpy as np
 
-from edgevl.errors import BackendUnavailable, BundleError, InputError
+from edgevl.errors import BackendError, BackendUnavailable, BundleError, InputError
 from edgevl.runtimes.base import Runner
 from edgevl.runtimes.cuda_memory import DeviceArray, open_cuda
 from edgevl.runtimes.trt_bindings import EngineIO
@@ -120,8 +120,12 @@ class TensorRTRunner(Runner):
     def _select(self, shapes: dict[str, tuple]) -> None:
         profile = self.io.choose_profile(shapes, self._profile)
         if profile != self._profile:
-            if not self.context.set_optimization_profile_async(profile, self.stream):
-                raise BackendUnavailable(f"{self.path.name}: TensorRT refused optimization profile {profile}")
+            try:   # the binding returns True or raises RuntimeError("Error in set optimization profile async.")
+                self.context.set_optimization_profile_async(profile, self.stream)
+            except RuntimeError as e:
+                raise BackendError(f"{self.path.name}: TensorRT refused to switch to optimization profile {profile} of "
+                                   f"{len(self.io.profiles)} ({e}; see the TensorRT log above); if this engine was "
+                                   f"copied from elsewhere, {REBUILD_HINT}") from e
             self._profile, self._shapes_set = profile, {}
         for name, shape in shapes.items():
             if self._shapes_set.get(name) != shape:

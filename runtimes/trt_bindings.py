@@ -15,8 +15,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgevl.errors import InputError
+from edgevl.errors import BundleError, InputError
 from edgevl.runtimes.base import TensorInfo
+
+
+def numpy_dtype(trt, trt_dtype, name: str) -> np.dtype:
+    """``trt.nptype`` maps FLOAT, HALF, INT8, INT32, INT64, BOOL and UINT8 and raises TypeError
+    for the rest (BF16, FP8, INT4, FP4: numpy has no such type), so such I/O cannot be bound."""
+    try:
+        return np.dtype(trt.nptype(trt_dtype))
+    except TypeError:
+        raise BundleError(f"engine tensor {name!r} has TensorRT type {trt_dtype}, which has no numpy equivalent, so "
+                          "edgevl's TensorRT runner cannot bind it; rebuild the engine from a graph whose inputs and "
+                          "outputs are float32/float16/int8/int32/int64/bool/uint8 (edgevl's FP16 conversion keeps "
+                          "I/O in float32)") from None
 
 
 @dataclass(frozen=True)
@@ -44,7 +56,7 @@ class EngineIO:
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
             is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
-            dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
+            dtype = numpy_dtype(trt, engine.get_tensor_dtype(name), name)
             shape = tuple(int(d) for d in engine.get_tensor_shape(name))
             host = bool(is_input and engine.is_shape_inference_io(name))
             slots.append(TensorSlot(name, is_input, dtype, shape, host))
@@ -88,9 +100,13 @@ class EngineIO:
             bad = [f"{n} {tuple(shapes[n])} not within {lo}..{hi}" for n, (lo, _, hi) in prof.items()
                    if len(shapes[n]) != len(lo) or any(s < a or s > b for s, a, b in zip(shapes[n], lo, hi))]
             lines.append(f"profile {p}: " + "; ".join(bad))
-        return ("input shapes fit none of the engine's optimization profiles (" + " | ".join(lines) + "); "
-                "rebuild the engine with larger ranges, e.g. `edgevl compile BUNDLE --target tensorrt "
-                "--max-batch N --max-seq N --max-capacity N`")
+        head = "input shapes fit none of the engine's optimization profiles (" + " | ".join(lines) + "); "
+        if self.profiles and all(lo == hi for prof in self.profiles for lo, _, hi in prof.values()):
+            return head + ("this engine has static shapes (a DLA engine is built for one shape): feed exactly that "
+                           "shape, or recompile for another batch with `edgevl compile BUNDLE --target tensorrt "
+                           "--dla-core N --opt-batch B`")
+        return head + ("rebuild the engine with larger ranges, e.g. `edgevl compile BUNDLE --target tensorrt "
+                       "--max-batch N --max-seq N --max-capacity N`")
 
     def check_dtypes(self, feeds: dict) -> None:
         missing = sorted(s.name for s in self.inputs if s.name not in feeds)

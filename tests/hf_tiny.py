@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-FAMILIES = ("llava", "smolvlm", "idefics3", "deepseek_vl")
+FAMILIES = ("llava", "smolvlm", "idefics3", "deepseek_vl", "internvl", "blip2")
 
 _CORPUS = [
     "describe the image in one sentence.", "what color is the circle?", "how many shapes are there?",
@@ -170,6 +170,72 @@ def build_deepseek_vl(out: Path) -> Path:
     return out
 
 
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+          "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
+          "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{{ '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def build_internvl(out: Path) -> Path:
+    """InternVL (InternViT, pixel shuffle, MLP projector, Qwen2 decoder with q/k/v bias). Its
+    processor needs a video processor (torchvision), so its files are written the way the
+    InternVL-hf checkpoints ship them, as for SmolVLM."""
+    import torch
+    import transformers as tf
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+    tok = make_tokenizer(specials, bos=None, eos="<|im_end|>", add_bos=False, start_image_token="<img>",
+                         end_image_token="</img>", context_image_token="<IMG_CONTEXT>", video_token="<video>")
+    ids = tok.convert_tokens_to_ids
+    vision = tf.InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     image_size=[32, 32], patch_size=[4, 4], initializer_range=0.5)
+    text = tf.Qwen2Config(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                          initializer_range=0.5, bos_token_id=None, eos_token_id=ids("<|im_end|>"),
+                          pad_token_id=ids("<pad>"), tie_word_embeddings=False)
+    config = tf.InternVLConfig(vision_config=vision, text_config=text, image_token_id=ids("<IMG_CONTEXT>"),
+                               image_seq_length=16, downsample_ratio=0.5, tie_word_embeddings=False)
+    torch.manual_seed(4)
+    model = tf.InternVLForConditionalGeneration(config).eval()
+    _scale_init(model, gain=2.0)
+    _finish(model, out, ids("<|im_end|>"))
+    tf.GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, max_patches=4).save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "processor_config.json").write_text(json.dumps({"image_seq_length": 16,
+                                                           "processor_class": "InternVLProcessor"}))
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": CHATML}))
+    return out
+
+
+def build_blip2(out: Path) -> Path:
+    """BLIP-2 with an OPT decoder (LayerNorm, ReLU MLP, learned positions); the processor puts
+    the image block before BOS, and OPT's BOS is ``</s>``."""
+    import torch
+    import transformers as tf
+
+    tok = make_tokenizer(["<pad>", "</s>", "<unk>", "<image>"], bos="</s>", eos="</s>", add_bos=True)
+    ids = tok.convert_tokens_to_ids
+    vision = tf.Blip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=32, patch_size=8)
+    qformer = tf.Blip2QFormerConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                    encoder_hidden_size=32, vocab_size=64, max_position_embeddings=32)
+    text = tf.OPTConfig(vocab_size=len(tok), hidden_size=48, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+                        max_position_embeddings=256, word_embed_proj_dim=48, init_std=0.5, bos_token_id=ids("</s>"),
+                        eos_token_id=ids("</s>"), pad_token_id=ids("<pad>"))
+    config = tf.Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=8,
+                            image_token_index=ids("<image>"))
+    torch.manual_seed(5)
+    model = tf.Blip2ForConditionalGeneration(config).eval()
+    _scale_init(model, gain=2.0)
+    with torch.no_grad():
+        model.query_tokens.normal_(0.0, 1.0)
+    processor = tf.Blip2Processor(image_processor=tf.BlipImageProcessorPil(size={"height": 32, "width": 32}),
+                                  tokenizer=tok, num_query_tokens=8)
+    _finish(model, out, ids("</s>"))
+    processor.save_pretrained(out)
+    return out
+
+
 def _scale_init(model, gain: float) -> None:
     """Re-draw linear/conv/embedding weights as N(0, gain / sqrt(fan_in)): SigLIP's init ignores
     initializer_range, and its default leaves logits too flat for stable greedy tokens."""
@@ -196,6 +262,8 @@ BUILDERS = {
     "smolvlm": build_smolvlm,
     "idefics3": lambda out: build_smolvlm(out, idefics3=True),
     "deepseek_vl": build_deepseek_vl,
+    "internvl": build_internvl,
+    "blip2": build_blip2,
     "llama": build_not_a_vlm,
 }
 

@@ -8,11 +8,12 @@ import pytest
 from edgevl.bundle import MANIFEST, SCHEMA_VERSION, BundleWriter, describe, load_bundle, writing_bundle
 from edgevl.errors import BundleError
 
+from bundle_edits import FAKE_ONNX, minimal_manifest
+
 
 def _minimal(w: BundleWriter):
-    w.file("part.onnx").write_bytes(b"onnx-bytes")
-    w.manifest.update({"parts": {"vision": {"onnx": "part.onnx"}}, "preprocess": {}, "tokenizer": {},
-                       "prompt": {}, "decoder": {}})
+    w.file("part.onnx").write_bytes(FAKE_ONNX + b"\x12\x06edgevl")     # ir_version, producer_name
+    w.manifest.update(minimal_manifest("part.onnx"))
 
 
 def test_commit_writes_manifest_with_hashes(tmp_path):
@@ -21,7 +22,7 @@ def test_commit_writes_manifest_with_hashes(tmp_path):
     b = load_bundle(tmp_path / "b")
     assert b.manifest["schema_version"] == SCHEMA_VERSION
     assert set(b.manifest["files"]) == {"part.onnx"}
-    assert b.manifest["files"]["part.onnx"]["bytes"] == len(b"onnx-bytes")
+    assert b.manifest["files"]["part.onnx"]["bytes"] == len(FAKE_ONNX) + 8
 
 
 def test_crash_leaves_no_half_bundle(tmp_path):
@@ -46,7 +47,7 @@ def test_tampered_truncated_and_missing_files_are_named(tmp_path):
     with writing_bundle(tmp_path / "b") as w:
         _minimal(w)
     part = tmp_path / "b" / "part.onnx"
-    part.write_bytes(b"onnx-bytez")  # same size, different content
+    part.write_bytes(FAKE_ONNX + b"\x12\x06edgevm")  # same size, different content
     with pytest.raises(BundleError, match="part.onnx does not match its sha256"):
         load_bundle(tmp_path / "b")
     part.write_bytes(b"onnx")

@@ -1,4 +1,4 @@
-"""Hugging Face families (LLaVA, SmolVLM, Idefics3, DeepSeek-VL) on tiny random-weight checkpoints
+"""Hugging Face families (LLaVA, SmolVLM, Idefics3, DeepSeek-VL, InternVL, BLIP-2) on tiny random-weight checkpoints
 built locally (tests/hf_tiny.py): export parity, and the runtime on ONNX Runtime and OpenVINO
 against the HF processor and the HF model's own greedy ``generate``."""
 
@@ -15,7 +15,7 @@ from conftest import BACKENDS, has_module, needs_torch
 pytestmark = [needs_torch, pytest.mark.skipif(not has_module("transformers"),
                                               reason="needs transformers: pip install edgevl[export]")]
 
-FAMILIES = ("llava", "smolvlm", "idefics3", "deepseek_vl")
+FAMILIES = ("llava", "smolvlm", "idefics3", "deepseek_vl", "internvl", "blip2")
 PROMPTS = ("describe the image.", "what color is the circle?")
 N_TOKENS = 16
 
@@ -94,7 +94,8 @@ def test_runtime_prompt_ids_and_pixels_equal_processor(exported, family):
         for prompt in PROMPTS + ("Is it RED, or blue?!  two  spaces, émoji ☺", ""):
             assert model.engine.encode_prompt(prompt, 1).tolist() == ref.input_ids(prompt, 1), prompt
         # several images: the per-image text (block + what the chat template puts after each) repeats
-        assert model.engine.encode_prompt(PROMPTS[0], 2).tolist() == ref.input_ids(PROMPTS[0], 2)
+        if vlm.prompt.get("max_images") != 1:          # BLIP-2 takes one image
+            assert model.engine.encode_prompt(PROMPTS[0], 2).tolist() == ref.input_ids(PROMPTS[0], 2)
         rng = np.random.default_rng(0)
         shapes = [(64, 64), (40, 56), (97, 33), (20, 24), (33, 97)]
         images = two_images() + [rng.integers(0, 256, (*s, 3), dtype=np.uint8) for s in shapes]
@@ -200,3 +201,43 @@ def test_tokenizer_as_transformers_builds_it_is_shipped(hf_root, tmp_path):
     for prompt in PROMPTS:
         ids = shipped.encode(render_prompt(p["template"], prompt, p["image_block"], 1), add_special_tokens=add).ids
         assert ids == vlm.reference.input_ids(prompt, 1) and ids.count(p["image_token_id"]) == p["image_seq_len"]
+
+
+@pytest.mark.parametrize("family, variants", [
+    ("internvl", {"qkv_bias": True}),
+    ("blip2", {"norm": "layer", "mlp": "plain", "activation": "relu", "position_offset": 2}),
+])
+def test_decoder_variants_are_recorded_in_the_manifest(exported, family, variants):
+    from edgevl.bundle import load_bundle
+
+    m = load_bundle(exported(family)[0]).manifest
+    assert {k: m["decoder"]["variants"][k] for k in variants} == variants
+    if family == "internvl":
+        split = m["preprocess"]["image_splitting"]
+        assert split["enabled"] is False and split["checkpoint_default"] is True and "crop_to_patches" in split["why"]
+        assert m["prompt"]["image_block"] == "<img>" + "<IMG_CONTEXT>" * 16 + "</img>\n"
+    else:
+        assert m["prompt"]["max_images"] == 1 and m["prompt"]["template"].startswith("{image}</s>")
+        assert m["decoder"]["variants"]["learned_positions"] == m["decoder"]["max_position"] + 2
+
+
+@pytest.mark.slow
+def test_blip2_int8_build_runs_and_reports(exported, tmp_path):
+    """The `int8` composite build of an OPT-decoder bundle: the portable decoder candidates are timed
+    (exporters/lower reads Llama-shaped decoders only), the bundle's accuracy report is written, and
+    its tokens run through the runtime."""
+    import edgevl
+    from edgevl.exporters.quantize.composite import CompositeRecipe, composite_bundle
+
+    fp32, _ = exported("blip2")
+    recipe = CompositeRecipe(rounds=1, answer_tokens=8, vision_candidates=("dynamic-uint8", "static-qdq"))
+    bundle = composite_bundle(fp32, tmp_path / "int8", "onnxruntime", recipe, eval_scenes=4, log=lambda *a: None)
+    m = bundle.manifest
+    assert m["precision"] == "int8" and m["decoder"]["variants"]["mlp"] == "plain"
+    report = json.loads((bundle.path / m["reports"]["accuracy"]).read_text())
+    assert report["gate"]["passed"] and report["gate"]["image_embeds_cosine"] >= 0.99
+    assert "onnxruntime" not in m["parts"]["decoder"].get("artifacts", {})     # no lowered decoder
+    assert not list(bundle.path.rglob("*lowered*"))
+    with edgevl.load(bundle.path, backend="onnxruntime", verbose=False) as model:
+        result = model.generate(two_images()[0], PROMPTS[0], channels="rgb", max_new_tokens=8)
+    assert len(result.tokens) >= 1

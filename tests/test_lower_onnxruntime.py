@@ -135,7 +135,8 @@ def test_lowered_graph_is_a_few_fused_nodes_per_layer_with_the_portable_interfac
     assert lowered.parts["decoder"]["onnx"] == "decoder.onnx" and (lowered.path / "decoder.onnx").is_file()
     n_layers = lowered.manifest["decoder"]["n_layers"]
     ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
-    assert len(ops) <= 14 * n_layers + 20                     # 13 per layer + shared lengths/indices + head
+    assert len(ops) <= 12 * n_layers + 16                     # 11 per layer + shared lengths + head
+    assert "GatherElements" not in ops                        # the runner reads the new K/V from the buffers
     assert ops.count("GroupQueryAttention") == n_layers
     assert ops.count("SkipSimplifiedLayerNormalization") == 2 * n_layers
     assert not {"Softmax", "Where", "Transpose", "Trilu", "Cos", "Sin"} & set(ops)
@@ -144,11 +145,12 @@ def test_lowered_graph_is_a_few_fused_nodes_per_layer_with_the_portable_interfac
     assert entry["portable_nodes"] > 5 * entry["nodes"]
     assert "GroupQueryAttention" in entry["ops"]
 
-    # the graph's own inputs and portable outputs are the portable decoder's; the runner hides the rest
+    # the graph's inputs are the portable decoder's; its outputs are logits and the shared buffers,
+    # and the runner shows the portable interface (present_* read back from the buffers)
     p_in, p_out = io_spec(tiny_bundle / "decoder.onnx")
     l_in, l_out = io_spec(path)
-    assert l_in == p_in and l_out[:len(p_out)] == p_out
-    assert all(o["name"].startswith("cache_") for o in l_out[len(p_out):])
+    assert l_in == p_in and l_out[0] == p_out[0] and p_out[0]["name"] == "logits"
+    assert [o["name"] for o in l_out[1:]] == ["cache_" + o["name"][len("present_"):] for o in p_out[1:]]
     with OnnxRuntimeRunner(tiny_bundle / "decoder.onnx") as portable, OnnxRuntimeRunner(path) as low:
         assert low.inputs == portable.inputs and low.outputs == portable.outputs
 
@@ -206,7 +208,8 @@ def test_lowered_matches_portable_through_prefill_and_batched_decode(lowered, ti
 
 def test_lowered_is_correct_without_in_place_memory(lowered):
     """Strided or read-only cache arrays are copied (the caller's arrays stay untouched), and
-    the graph run by plain session.run, with no binding at all, gives the same outputs."""
+    the graph run by plain session.run, with no binding at all, gives the same logits and the
+    same new keys/values in the present buffers it returns."""
     import onnxruntime as ort
 
     from edgevl.runtimes.kv_cache import WrittenInPlace
@@ -240,9 +243,13 @@ def test_lowered_is_correct_without_in_place_memory(lowered):
         np.testing.assert_allclose(got[name], expected[name], atol=1e-6, err_msg=name)
     assert np.array_equal(big[:, :, :16], before["past_key.0"]) and np.array_equal(frozen, before["past_value.1"])
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    plain = dict(zip(names, session.run(names, {k: v.copy() for k, v in feeds.items()})))
-    for name in expected:
-        np.testing.assert_allclose(plain[name], expected[name], atol=1e-6, err_msg=name)
+    graph_names = [o.name for o in session.get_outputs()]
+    plain = dict(zip(graph_names, session.run(graph_names, {k: v.copy() for k, v in feeds.items()})))
+    np.testing.assert_allclose(plain["logits"], expected["logits"], atol=1e-6)
+    for name in names[1:]:                                  # present_{kind}.{i}: rows at 4 and 9, 3 new
+        buf = plain["cache_" + name[len("present_"):]]
+        new = np.stack([buf[0, :, 4:7], buf[1, :, 9:12]])
+        np.testing.assert_allclose(new, expected[name], atol=1e-6, err_msg=name)
 
 
 def test_kv_cache_skips_only_its_own_arrays_written_in_place():
@@ -278,7 +285,7 @@ def test_a_decoder_with_biases_and_other_widths_lowers_to_the_same_numbers(tmp_p
     manifest_spec = {"n_layers": 2, "n_kv_heads": 4, "head_dim": 16, "hidden_dim": 64, "vocab_size": 50,
                      "max_position": 64}
     info = lower_onnx(tmp_path / "decoder.onnx", manifest_spec, tmp_path / "lowered.onnx")
-    assert info["ops"]["Add"] == 2 + 4 * 2                               # shared lengths + 4 biases per layer
+    assert info["ops"]["Add"] == 1 + 4 * 2                               # the total length + 4 biases per layer
 
     rng = np.random.default_rng(0)
     feeds = {"inputs_embeds": rng.standard_normal((2, 3, 64)).astype(np.float32), "past_len": np.array([5, 0])}
@@ -411,3 +418,61 @@ def test_requantizing_a_lowered_bundle_drops_the_lowered_decoder(lowered, tmp_pa
         assert not (writer.tmp / "onnxruntime").exists()
     finally:
         writer.abort()
+
+
+@pytest.fixture(scope="module")
+def lowered_dynamic(tiny_bundle, tmp_path_factory):
+    """edgevl-tiny with the composite ``int8`` recipe's dynamic-INT8 decoder (quantize_dynamic,
+    per-channel int8 weights) as the part's ONNX and its lowering beside it."""
+    from edgevl.bundle import load_bundle
+    from edgevl.exporters.lower.onnxruntime_decoder import LOWERED_FILE, lower_onnx
+    from edgevl.exporters.quantize.composite import _dynamic
+    from edgevl.exporters.quantize.derive import derived_writer
+
+    src = load_bundle(tiny_bundle)
+    work = tmp_path_factory.mktemp("dyn")
+    _dynamic(src.part_file("decoder"), work / "decoder-dyn.onnx", "QInt8", per_channel=True)
+    writer = derived_writer(src, work / "tiny-dyn-lowered", ["decoder"])
+    writer.copy_in(work / "decoder-dyn.onnx", src.parts["decoder"]["onnx"])
+    info = lower_onnx(work / "decoder-dyn.onnx", src.manifest["decoder"], writer.file(LOWERED_FILE))
+    writer.manifest["parts"]["decoder"]["artifacts"] = {"onnxruntime": LOWERED_FILE}
+    writer.manifest["precision"] = "int8"
+    return writer.commit(), info
+
+
+def test_dynamic_int8_decoder_lowers_to_dynamic_quantize_matmul_with_its_own_weights(lowered_dynamic):
+    """quantize_dynamic's MatMulInteger products become DynamicQuantizeMatMul with the same int8
+    weights and scales, byte for byte; logits and new K/V match the portable dynamic graph
+    (both quantize activations per call, so only float rounding order differs) through
+    prefill, batched decode at different positions and a cache doubling; and greedy answers on
+    50 held-out scenes match."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgevl.exporters.lower.onnxruntime_decoder import parity_feeds
+    from edgevl.runtimes.compare import Comparator
+    from edgevl.runtimes.onnxruntime import OnnxRuntimeRunner
+
+    bundle, info = lowered_dynamic
+    assert info["weights"] == ["DynamicQuantizeMatMul8"] and "MatMulInteger" not in info["ops"]
+    n_products = 4 * bundle.manifest["decoder"]["n_layers"] + 1
+    assert info["ops"]["DynamicQuantizeMatMul"] == n_products
+
+    def weights(path, op):
+        model = onnx.load(str(path))
+        inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        return sorted((inits[n.input[1]].tobytes() for n in model.graph.node if n.op_type == op))
+
+    assert weights(bundle.path / "decoder.onnx", "MatMulInteger") == \
+        weights(bundle.part_file("decoder", "onnxruntime"), "DynamicQuantizeMatMul")
+    with OnnxRuntimeRunner(bundle.path / "decoder.onnx", threads=2) as portable, \
+            OnnxRuntimeRunner(bundle.part_file("decoder", "onnxruntime"), threads=2) as low:
+        feeds = parity_feeds(bundle, portable)
+        report = Comparator(atol=float("inf"), min_cosine=0.9999).compare("decoder", portable, low, feeds)
+    assert report.passed, report.summary()
+
+    images, questions = held_out_scenes(50)
+    expected = greedy_tokens(portable_view(bundle), images, questions)
+    got = greedy_tokens(bundle, images, questions)
+    differ = sum(a != b for a, b in zip(got, expected))
+    assert differ <= 2, f"{differ} of 50 answers differ"

@@ -65,7 +65,7 @@ def test_int8_onnxruntime_records_each_part_and_keeps_the_fastest_gated_candidat
     assert set(q["selection"]["vision"]["candidates"]) == {"fp32", "dynamic-int8", "dynamic-int8-per-channel",
                                                             "dynamic-uint8", "static-qdq"}
     assert set(q["selection"]["decoder"]["candidates"]) == {"weight-only", "fp32", "weight-only-lowered",
-                                                             "fp32-lowered", "dynamic-int8"}
+                                                             "fp32-lowered", "dynamic-int8", "dynamic-int8-lowered"}
     for c in q["selection"]["decoder"]["candidates"].values():      # ranked by a whole answer's cost
         assert c["median_ms"] == pytest.approx(c["prefill_ms"] + 32 * c["step_ms"], abs=0.02)
     import onnx
@@ -73,7 +73,7 @@ def test_int8_onnxruntime_records_each_part_and_keeps_the_fastest_gated_candidat
     graph_ops = {n.op_type for n in onnx.load(str(ort_int8.part_file("decoder"))).graph.node}
     chosen = q["selection"]["decoder"]["chosen"]
     assert ("MatMulNBits" in graph_ops) == chosen.startswith("weight-only")
-    assert ("DynamicQuantizeLinear" in graph_ops or "MatMulInteger" in graph_ops) == (chosen == "dynamic-int8")
+    assert ("DynamicQuantizeLinear" in graph_ops or "MatMulInteger" in graph_ops) == chosen.startswith("dynamic-int8")
     assert ("MatMul" in graph_ops and not graph_ops & {"MatMulNBits", "MatMulInteger", "DynamicQuantizeLinear"}) == \
         chosen.startswith("fp32")
     lowered = ort_int8.part_file("decoder", "onnxruntime")
@@ -99,6 +99,41 @@ def test_int8_onnxruntime_keeps_accuracy_and_answers(ort_int8):
     with edgevl.load(ort_int8.path, backend="onnxruntime", verbose=False) as vlm:
         answers = vlm.answer([scene.image()] * len(qas), [qa.question for qa in qas])
     assert answers == [qa.answer for qa in qas]
+
+
+@needs_torch
+@pytest.mark.slow
+def test_int4_onnxruntime_times_two_block_sizes_and_records_the_chosen_ones_recipe(tiny_bundle, tmp_path):
+    import onnx
+
+    from edgevl.exporters.quantize.composite import CompositeRecipe, composite_bundle
+
+    recipe = CompositeRecipe(decoder_bits=4, rounds=2, held_out_images=2, vision_candidates=("fp32",))
+    bundle = composite_bundle(tiny_bundle, tmp_path / "ort-int4", "onnxruntime", recipe, eval_scenes=10,
+                              accept_loss=True, log=lambda *a: None)
+    q = bundle.manifest["quantization"]
+    sel = q["selection"]["decoder"]
+    four_bit = {"weight-only", "weight-only-lowered", "weight-only-b32", "weight-only-b32-lowered"}
+    assert four_bit | {"dynamic-int8", "dynamic-int8-lowered"} <= set(sel["candidates"])
+    gated = {k: c for k, c in sel["candidates"].items() if k in four_bit and c["cosine"] >= sel["min_cosine"]}
+    best = min(gated, key=lambda k: gated[k]["median_ms"])
+    block = 32 if "b32" in best else 128
+    assert q["decoder"]["recipe"]["block_size"] == block
+    blocks = {a.i for n in onnx.load(str(bundle.part_file("decoder", "onnxruntime"))).graph.node
+              if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
+    assert blocks == {block} and f"blocks of {block}," in bundle.manifest["parts"]["decoder"]["method"]
+
+    # the int8 prefill graph is kept only when it keeps the int8 gate and saves >= 5% of an answer
+    pre, cand = sel["candidates"]["dynamic-int8-lowered"], sel["candidates"][best]
+    cost = pre["prefill_ms"] + 32 * cand["step_ms"]
+    keep = best.endswith("-lowered") and pre["cosine"] >= 0.99 and cost <= 0.95 * cand["median_ms"]
+    prefill = bundle.prefill_file("decoder", "onnxruntime")
+    assert (prefill is not None) == keep == (sel["chosen"] == best + "+int8-prefill")
+    assert sel["chosen"] == (best + "+int8-prefill" if keep else best)
+    if keep:
+        ops = {n.op_type for n in onnx.load(str(prefill)).graph.node}
+        assert "DynamicQuantizeMatMul" in ops and "MatMulNBits" not in ops
+        assert sel["candidates"][sel["chosen"]]["median_ms"] == pytest.approx(cost, abs=0.02)
 
 
 @needs_torch

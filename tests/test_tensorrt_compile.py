@@ -203,3 +203,46 @@ def test_fp16_constants_are_clipped_not_infinite():
     out = ort.InferenceSession(model.SerializeToString()).run(None, {"x": np.array([[1.0, 3.0]], np.float32)})[0]
     assert out.dtype == np.float32 and out.tolist() == [[1.0, 0.0]]
     assert onnx.checker.check_model(model) is None
+
+
+# -- torch2trt, as its source (torch2trt/torch2trt.py) behaves -----------------------------------
+def test_via_torch2trt_is_refused_on_tensorrt_11(tiny_bundle):
+    """Finding 4: torch2trt always calls create_network(1 << EXPLICIT_BATCH), which TensorRT 11's
+    NetworkDefinitionCreationFlag no longer has: every precision fails there, FP32 included."""
+    from edgevl.exporters.compile.torch2trt_vision import check_via_torch2trt
+    from edgevl.exporters.compile.trt_plan import plan_build
+    from trt_fakes import FakeTRT
+
+    assert not hasattr(FakeTRT("11.4.1").NetworkDefinitionCreationFlag, "EXPLICIT_BATCH")
+    bundle = load_bundle(tiny_bundle)
+    for precision in ("fp32", "fp16"):
+        job = SimpleNamespace(plan=plan_build("11.4.1", precision))
+        with pytest.raises(ConfigError, match=r"--via torch2trt does not work with TensorRT 11.4.1.*EXPLICIT_BATCH.*"
+                                              r"drop --via torch2trt"):
+            check_via_torch2trt(bundle, job, "11.4.1")
+
+
+def test_torch2trt_gets_a_static_shape_for_dla():
+    """Finding 3: torch2trt raises ValueError('Dataset cannot have multiple shapes when using DLA')
+    when min != max; a DLA vision engine is converted at one static shape, a GPU one keeps the
+    dynamic batch range of the ONNX build."""
+    from edgevl.exporters.compile.torch2trt_vision import torch2trt_arguments
+    from edgevl.exporters.compile.trt_plan import plan_build, static_profiles
+    from edgevl.exporters.compile.trt_profiles import Profile
+    from trt_fakes import FakeTRT
+    from trt_fakes_build import torch2trt_dla_shape_check
+
+    trt = FakeTRT("10.3.0", dla_cores=2)
+    dynamic = [Profile("default", {"pixel_values": ((1, 3, 64, 64), (2, 3, 64, 64), (8, 3, 64, 64))})]
+    gpu = SimpleNamespace(plan=plan_build("10.3.0", "fp16"), profiles=dynamic)
+    shape, kwargs = torch2trt_arguments(gpu, (3, 64, 64), trt)
+    assert shape == (2, 3, 64, 64) and torch2trt_dla_shape_check(shape, **kwargs) == [0]      # dynamic batch
+    with pytest.raises(ValueError, match="multiple shapes when using DLA"):     # what the dynamic range did on DLA
+        torch2trt_dla_shape_check(shape, **kwargs, default_device_type=trt.DeviceType.DLA)
+
+    dla_plan = plan_build("10.3.0", "fp16", dla_core=1, dla_cores=2)
+    for profiles in (static_profiles(dynamic), dynamic):       # as prepare() builds the job, and a dynamic one
+        shape, kwargs = torch2trt_arguments(SimpleNamespace(plan=dla_plan, profiles=profiles), (3, 64, 64), trt)
+        assert shape == (2, 3, 64, 64) and kwargs["dla_core"] == 1 and kwargs["gpu_fallback"] is True
+        assert kwargs["default_device_type"] is trt.DeviceType.DLA
+        assert torch2trt_dla_shape_check(shape, **kwargs) == []                 # no ValueError: one shape

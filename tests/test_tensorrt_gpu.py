@@ -175,3 +175,87 @@ def test_torch2trt_vision_engine_matches_onnx(tiny_bundle, tmp_path):
             TensorRTRunner(bundle.part_file("vision", "tensorrt")) as trt:
         a, b = ort.infer({"pixel_values": x})["image_embeds"], trt.infer({"pixel_values": x})["image_embeds"]
     assert np.abs(a - b).max() < FP16_TOL["atol"]
+
+
+# -- the fakes' contracts, checked against the real bindings (tests/trt_fakes.py mirrors these) ----
+def test_real_bindings_keep_the_contracts_the_fakes_mirror(fp16_bundle):
+    import tensorrt as trt
+
+    from edgevl.exporters.compile.trt_plan import parse_version
+    from edgevl.runtimes.cuda_memory import open_cuda
+
+    major = parse_version(trt.__version__)[0]
+    assert trt.nptype(trt.float16) is np.float16
+    with pytest.raises(TypeError):
+        trt.nptype(trt.bfloat16)                                  # no numpy bfloat16
+    assert hasattr(trt.BuilderFlag, "FP16") == (major < 11)
+    assert hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH") == (major < 11)
+    cuda = open_cuda(0)
+    bundle = fp16_bundle[0]
+    with cuda.activate():
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engine = runtime.deserialize_cuda_engine((bundle.path / "tensorrt" / "vision.engine").read_bytes())
+        assert engine.num_optimization_profiles >= 1
+        assert isinstance(engine.get_tensor_dtype(engine.get_tensor_name(0)), trt.DataType)
+        context = engine.create_execution_context()
+        stream = cuda.new_stream()
+        assert context.set_optimization_profile_async(0, stream) is True
+        with pytest.raises(RuntimeError, match="Error in set optimization profile async"):
+            context.set_optimization_profile_async(engine.num_optimization_profiles, stream)
+        del context, engine
+
+
+def _dla_cores() -> int:
+    if WHY is not None:
+        return 0
+    import tensorrt as trt
+
+    return int(trt.Builder(trt.Logger(trt.Logger.WARNING)).num_DLA_cores)
+
+
+@pytest.mark.skipif(WHY is None and _dla_cores() == 0, reason="this device reports no DLA core to TensorRT")
+def test_dla_vision_engine_is_static_and_reports_its_layers(tiny_bundle, tmp_path):
+    from edgevl.runtimes.onnxruntime import OnnxRuntimeRunner
+    from edgevl.runtimes.tensorrt import TensorRTRunner
+    from edgevl.runtimes.trt_metadata import read_metadata
+
+    bundle, logs = _compile(tiny_bundle, tmp_path / "dla", tmp_path, precision="fp16", dla_core=0, parts=["vision"])
+    meta = read_metadata(bundle.part_file("vision", "tensorrt"))
+    print("DLA report:", json.dumps(meta["dla"]), *[line for line in logs if "DLA" in line], sep="\n")
+    assert meta["dla"]["layers"] > 0 and all(lo == hi for lo, _, hi in meta["build"]["profiles"][0]["shapes"].values())
+    x = np.random.default_rng(0).random((1, 3, *bundle.manifest["preprocess"]["size"]), dtype=np.float32)
+    with OnnxRuntimeRunner(bundle.path / "vision.onnx") as ort, \
+            TensorRTRunner(bundle.part_file("vision", "tensorrt")) as trt_runner:
+        a, b = ort.infer({"pixel_values": x})["image_embeds"], trt_runner.infer({"pixel_values": x})["image_embeds"]
+    assert np.abs(a - b).max() < FP16_TOL["atol"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cuda") is None, reason="cuda-python is not installed")
+def test_cuda_python_runs_on_its_device_from_other_threads():
+    import threading
+
+    from edgevl.runtimes.cuda_memory import CudaPythonMemory
+
+    cuda = CudaPythonMemory(0)
+    seen = []
+
+    def work():
+        with cuda.activate():
+            seen.append(int(cuda._call(cuda.rt.cudaGetDevice())))
+        buf = cuda.alloc(1024)
+        host = cuda.pinned(1024)
+        host[:] = 7
+        stream = cuda.new_stream()
+        cuda.htod(buf.ptr, host, stream)
+        back = np.zeros(1024, np.uint8)
+        cuda.dtoh(back, buf.ptr, stream)
+        cuda.synchronize(stream)
+        seen.append(int(back.sum()))
+        cuda.free(buf)
+        cuda.free_pinned(host)
+        cuda.destroy_stream(stream)
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert seen == [0, 7 * 1024]

@@ -44,14 +44,35 @@ def test_int8_needs_qdq_and_old_tensorrt_is_refused():
     assert parse_version("10.3.0.26") == (10, 3, 0, 26)
 
 
-def test_dla_only_on_tensorrt_10_and_never_fp32():
-    plan = plan_build("10.3.0", "fp16", dla_core=1)
+def test_dla_is_decided_by_the_reported_core_count_not_the_major_version():
+    """Finding 5: TensorRT 11.4.1 has DLA on Jetson AGX Orin (JetPack 7.2.2+); 11.0-11.3 and
+    10.8+ report no DLA core. The builder's count decides, the version words the message."""
+    plan = plan_build("10.3.0", "fp16", dla_core=1, dla_cores=2)
     assert plan.dla_core == 1 and plan.builder_flags == ("FP16", "GPU_FALLBACK")
-    assert plan_build("10.3.0", "int8", has_qdq=True, dla_core=0).builder_flags == ("INT8", "FP16", "GPU_FALLBACK")
-    with pytest.raises(ConfigError, match="DLA needs TensorRT 10.x"):
-        plan_build("11.4.0", "fp16", dla_core=0)
+    assert plan_build("10.3.0", "int8", has_qdq=True, dla_core=0, dla_cores=2).builder_flags == (
+        "INT8", "FP16", "GPU_FALLBACK")
+    for precision, qdq in (("fp16", False), ("int8", True)):       # 11.4.1 on Orin: strongly typed + fallback
+        plan = plan_build("11.4.1", precision, has_qdq=qdq, dla_core=0, dla_cores=2)
+        assert plan.strongly_typed and plan.dla_core == 0 and plan.builder_flags == ("GPU_FALLBACK",)
+        assert plan.convert_fp16 == (precision == "fp16")
+    for version, why in (("11.2.0", "11.0-11.3 dropped it; 11.4.1 restores it"), ("10.8.0", "10.7 was the last"),
+                         ("11.5.0", "does not support JetPack")):
+        with pytest.raises(ConfigError, match=rf"reports 0 DLA core\(s\) to TensorRT {version}.*{why}"):
+            plan_build(version, "fp16", dla_core=0, dla_cores=0)
+    with pytest.raises(ConfigError, match=r"--dla-core 2: this device reports 2 DLA core\(s\).*below 2"):
+        plan_build("10.3.0", "fp16", dla_core=2, dla_cores=2)
     with pytest.raises(ConfigError, match="DLA runs only FP16 or INT8"):
-        plan_build("10.3.0", "fp32", dla_core=0)
+        plan_build("10.3.0", "fp32", dla_core=0, dla_cores=2)
+
+
+def test_dla_parts_get_one_static_profile():
+    from edgevl.exporters.compile.trt_plan import static_profiles
+    from edgevl.exporters.compile.trt_profiles import Profile
+
+    dynamic = Profile("default", {"pixel_values": ((1, 3, 64, 64), (2, 3, 64, 64), (8, 3, 64, 64))})
+    (static,) = static_profiles([dynamic, Profile("other", {})])
+    assert static.shapes == {"pixel_values": ((2, 3, 64, 64),) * 3}        # min = opt = max = the opt shape
+    assert static_profiles([]) == []
 
 
 def test_part_precision():

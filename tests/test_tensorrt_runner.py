@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edgevl.bundle import load_bundle, writing_bundle
-from edgevl.errors import BackendUnavailable, EngineMismatch, InputError
+from edgevl.errors import BackendUnavailable, BundleError, EngineMismatch, InputError
 from edgevl.exporters.compile.trt_profiles import compute_profiles
 from edgevl.runtimes.crosscheck import part_feeds
 from edgevl.runtimes.device_kv_cache import DeviceKVCache
@@ -310,3 +310,100 @@ def test_no_gpu_is_a_clear_error():
             return (100, 0)       # cudaErrorNoDevice
     with pytest.raises(BackendUnavailable, match="no usable NVIDIA GPU"):
         CudaPythonMemory(cudart=_Runtime())
+
+
+# -- findings from reading the real bindings (issue 20) -------------------------------------------
+def _standalone_engine(tmp_path, tensors, profiles, compute, version="10.3.0"):
+    """An engine file + sidecar outside any bundle, backed by a FakeEngine."""
+    cuda, trt = FakeCuda(), FakeTRT(version)
+    path = tmp_path / "part.engine"
+    write_engine(path, b"FAKE-ENGINE:standalone", make_metadata(
+        part="part", fingerprint=DeviceFingerprint(version, "Fake GPU", "8.7"), onnx_file="part.onnx",
+        onnx_sha256="", engine_sha256="", build={}))
+    trt.engines[b"FAKE-ENGINE:standalone"] = FakeEngine(cuda, tensors, profiles, compute)
+    return TensorRTRunner(path, trt_module=trt, cuda=cuda), trt, cuda
+
+
+def test_a_refused_profile_switch_is_an_edgevl_error(trt_bundle, ort_feeds):
+    """Finding 1: set_optimization_profile_async never returns False; the binding raises
+    RuntimeError("Error in set optimization profile async.") (pyCore.cpp), which the runner turns
+    into its own message."""
+    from edgevl.errors import BackendError
+
+    bundle, profiles = trt_bundle
+    prefill, decode = ort_feeds[1]["decoder"]
+    trt, cuda = fake_runtime(bundle, profiles)
+    trt.engines[b"FAKE-ENGINE:decoder"].refused.add(1)          # TensorRT refuses the decode profile
+    with runner(bundle, "decoder", trt, cuda) as r:
+        r.infer(prefill)
+        with pytest.raises(BackendError, match=r"refused to switch to optimization profile 1 of 2 \(Error in set "
+                                               r"optimization profile async\."):
+            r.infer(decode)
+
+
+def test_static_engines_have_one_profile_and_run(tmp_path):
+    """Finding 7: an engine without dynamic inputs still has one optimization profile
+    (num_optimization_profiles "is always at least 1", pyCoreDoc.h)."""
+    tensors = [("x", True, np.float32, (2, 3)), ("y", False, np.float32, (2, 3))]
+    r, trt, _ = _standalone_engine(tmp_path, tensors, [], lambda feeds: {"y": feeds["x"] * 2})
+    with r:
+        assert trt.engines[b"FAKE-ENGINE:standalone"].num_optimization_profiles == 1
+        x = np.arange(6, dtype=np.float32).reshape(2, 3)
+        np.testing.assert_array_equal(r.infer({"x": x})["y"], x * 2)
+        assert r.inputs[0].shape == (2, 3) and r.active_profile == 0
+
+
+def test_tensorrt_dtypes_map_like_the_real_nptype(tmp_path):
+    """Finding 8: get_tensor_dtype returns a TensorRT DataType; trt.nptype maps FLOAT, HALF, INT8,
+    INT32, INT64, BOOL, UINT8 and raises TypeError for BF16/FP8/INT4/FP4, which the runner
+    reports as an engine it cannot bind."""
+    trt = FakeTRT("11.4.1")
+    assert trt.nptype(trt.float16) is np.float16 and trt.nptype(trt.bool) is np.bool_
+    for unsupported in (trt.bfloat16, trt.fp8, trt.int4, trt.fp4):
+        with pytest.raises(TypeError, match="Could not resolve TensorRT datatype"):
+            trt.nptype(unsupported)
+
+    tensors = [("x", True, np.float16, (-1, 4)), ("n", True, np.int64, (1,)), ("y", False, np.float16, (-1, 4))]
+    r, _, _ = _standalone_engine(tmp_path, tensors, [{"x": ((1, 4), (1, 4), (4, 4))}],
+                                 lambda feeds: {"y": feeds["x"] + 1})
+    with r:
+        assert [(t.name, t.dtype) for t in r.inputs] == [("x", "float16"), ("n", "int64")]
+        out = r.infer({"x": np.ones((3, 4), np.float16), "n": np.zeros(1, np.int64)})["y"]
+        assert out.dtype == np.float16 and out.tolist() == [[2.0] * 4] * 3
+
+    tensors = [("x", True, np.float32, (1, 4)), ("y", False, "BF16", (1, 4))]
+    (tmp_path / "bf16").mkdir()
+    r, _, _ = _standalone_engine(tmp_path / "bf16", tensors, [], lambda feeds: {})
+    with pytest.raises(BundleError, match=r"engine tensor 'y' has TensorRT type DataType.BF16, which has no numpy "
+                                          r"equivalent.*float32/float16"):
+        r.activate()
+
+
+def test_cuda_python_sets_the_device_on_every_calling_thread():
+    """Finding 6: cudaSetDevice is per host thread; a scheduler or server thread must allocate,
+    create streams and copy on the runner's device, not on device 0."""
+    import threading
+
+    from edgevl.runtimes.cuda_memory import CudaPythonMemory
+    from trt_fakes import FakeCudart
+
+    rt = FakeCudart(count=2)
+    cuda = CudaPythonMemory(device_index=1, cudart=rt)
+    rt.calls.clear()
+
+    def work():
+        buf = cuda.alloc(64)
+        stream = cuda.new_stream()
+        host = cuda.pinned(64)
+        cuda.htod(buf.ptr, host, stream)
+        cuda.synchronize(stream)
+        cuda.free(buf)
+        after.append(rt.cudaGetDevice())
+
+    after: list = []
+    worker = threading.Thread(target=work, name="scheduler")
+    worker.start()
+    worker.join()
+    ran = [(name, device) for name, device, thread in rt.calls if thread == "scheduler"]
+    assert len(ran) == 6 and {device for _, device in ran} == {1}, ran
+    assert after == [(0, 0)]                     # the thread's own current device is left as it was

@@ -1,21 +1,37 @@
-"""Fakes of the small TensorRT and CUDA surfaces the TensorRT runner uses, for tests without a GPU.
+"""Fakes of the TensorRT and CUDA surfaces edgevl uses, for tests without a GPU.
+
+They follow the real Python bindings' contracts (return types, exceptions, invariants), read
+from NVIDIA's TensorRT repository on ``release/10.3`` and ``main`` (11.1):
+``python/src/infer/pyCore.cpp`` (the bindings), ``python/docstrings/infer/pyCoreDoc.h`` (their
+documented contracts), ``python/src/parsers/pyOnnx.cpp`` (the ONNX parser),
+``python/src/infer/pyFoundationalTypes.cpp`` (DataType) and
+``python/packaging/bindings_wheel/tensorrt/__init__.py`` (``nptype``). Each fake method names
+what it mirrors. Where the real behaviour could not be read (the builder's internals, its log
+wording), the fake says so and does the least surprising thing.
 
 - FakeCuda: a CudaMemory whose "device" is numpy byte arrays at integer addresses. Copies and
   kernels are *queued* per stream and only run at ``synchronize`` (as on a GPU), so a runner
   that reads results before synchronising, or reuses a staging buffer too early, gets wrong
   numbers here too. Out-of-bounds accesses raise.
-- FakeEngine / FakeContext: the name-based tensor API (num_io_tensors, get_tensor_*,
-  optimization profiles, set_input_shape, set_tensor_address, execute_async_v3). The math is a
-  function of the feeds; ``FakeEngine.from_onnx`` runs the real ONNX part in ONNX Runtime, so
-  the fake engine computes exactly what the bundle computes.
-- FakeTRT: the module-level bits (``__version__``, Logger, Runtime, TensorIOMode, nptype).
+- FakeCudart: cuda-python's runtime module: ``(error, value)`` tuples and a current device
+  per host thread, recording the device each call ran on.
+- FakeEngine / FakeContext / FakeRuntime: the name-based tensor API. The math is a function of
+  the feeds; ``FakeEngine.from_onnx`` runs the real ONNX part in ONNX Runtime.
+- FakeTRT: ``import tensorrt`` for one version (10.x or 11.x): DataType and ``nptype``,
+  Logger/ILogger, Runtime, and the build side from trt_fakes_build.py: Builder,
+  NetworkDefinition, OnnxParser (parses the real ONNX file), OptimizationProfile,
+  BuilderConfig, timing cache. A built plan can be deserialized again by the same FakeTRT's
+  Runtime (ONNX Runtime computes it).
 
-They are injected into TensorRTRunner (``trt_module=``, ``cuda=``); nothing is patched globally.
+They are injected (``trt_module=``, ``cuda=``, ``cudart=``); nothing is patched globally.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
+import json
+import threading
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -133,7 +149,207 @@ class FakeCuda(CudaMemory):
         return self.view(ptr, n).view(dtype).reshape(shape).copy()
 
 
+# -- CUDA runtime (cuda-python) ----------------------------------------------------------------
+class FakeCudart:
+    """cuda-python's runtime module (``cuda.bindings.runtime``): every call returns a tuple whose
+    first item is the error code (0 = cudaSuccess). The current device is per host thread, as
+    ``cudaSetDevice`` documents ("sets device as the current device for the calling host
+    thread"); ``calls`` records (function, device it ran on, thread name)."""
+
+    class cudaMemcpyKind:
+        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice = 1, 2, 3
+
+    def __init__(self, count: int = 2):
+        self.count = count
+        self._local = threading.local()
+        self._host: dict[int, object] = {}
+        self._next = 0x7000_0000
+        self.calls: list[tuple[str, int, str]] = []
+
+    def _device(self) -> int:
+        return getattr(self._local, "device", 0)      # a new thread starts on device 0
+
+    def _record(self, name):
+        self.calls.append((name, self._device(), threading.current_thread().name))
+
+    def cudaGetDeviceCount(self):
+        return (0, self.count)
+
+    def cudaSetDevice(self, device):
+        if not 0 <= device < self.count:
+            return (101,)                                # cudaErrorInvalidDevice
+        self._local.device = device
+        return (0,)
+
+    def cudaGetDevice(self):
+        return (0, self._device())
+
+    def cudaGetDeviceProperties(self, device):
+        from types import SimpleNamespace
+
+        return (0, SimpleNamespace(name=b"Fake GPU\x00\x00", major=8, minor=7))
+
+    def cudaMalloc(self, nbytes):
+        self._record("cudaMalloc")
+        self._next += 1 << 20
+        return (0, self._next)
+
+    def cudaFree(self, ptr):
+        self._record("cudaFree")
+        return (0,)
+
+    def cudaMallocHost(self, nbytes):
+        import ctypes
+
+        self._record("cudaMallocHost")
+        buf = (ctypes.c_uint8 * nbytes)()
+        self._host[ctypes.addressof(buf)] = buf
+        return (0, ctypes.addressof(buf))
+
+    def cudaFreeHost(self, ptr):
+        self._record("cudaFreeHost")
+        self._host.pop(ptr, None)
+        return (0,)
+
+    def cudaStreamCreate(self):
+        self._record("cudaStreamCreate")
+        self._next += 1
+        return (0, self._next)
+
+    def cudaStreamDestroy(self, stream):
+        self._record("cudaStreamDestroy")
+        return (0,)
+
+    def cudaStreamSynchronize(self, stream):
+        self._record("cudaStreamSynchronize")
+        return (0,)
+
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
+        self._record("cudaMemcpyAsync")
+        return (0,)
+
+    def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):
+        self._record("cudaMemcpy2DAsync")
+        return (0,)
+
+    def cudaMemsetAsync(self, ptr, value, nbytes, stream):
+        self._record("cudaMemsetAsync")
+        return (0,)
+
+
+# -- enums and DataType (pyCore.cpp / pyFoundationalTypes.cpp py::enum_) -------------------------
+class _Member:
+    """One value of a pybind11 enum: ``int()`` gives its value, equality is identity (an int is
+    not accepted where the enum is, as with pybind11)."""
+
+    def __init__(self, enum: str, name: str, value: int):
+        self.enum, self.name, self.value = enum, name, value
+
+    def __int__(self):
+        return self.value
+
+    def __repr__(self):
+        return f"<{self.enum}.{self.name}: {self.value}>"
+
+    def __str__(self):
+        return f"{self.enum}.{self.name}"
+
+
+def _enum(name: str, members, start: int = 0):
+    """A class with one _Member per name, like ``trt.BuilderFlag``; a missing name is an
+    AttributeError, as on the real module."""
+    values = {m: _Member(name, m, i) for i, m in enumerate(members, start)}
+    return type(name, (), {**values, "__members__": values})
+
+
+DataType = _enum("DataType", ["FLOAT", "HALF", "INT8", "INT32", "BOOL", "UINT8", "FP8", "BF16", "INT64", "INT4",
+                              "FP4", "E8M0"])
+# trt.nptype (tensorrt/__init__.py, release/10.3 and main): these seven map, the rest raise TypeError
+_NPTYPE = {DataType.FLOAT: np.float32, DataType.HALF: np.float16, DataType.INT8: np.int8, DataType.INT32: np.int32,
+           DataType.INT64: np.int64, DataType.BOOL: np.bool_, DataType.UINT8: np.uint8}
+_FROM_NUMPY = {np.dtype(v): k for k, v in _NPTYPE.items()}
+_FROM_ONNX = {1: DataType.FLOAT, 10: DataType.HALF, 16: DataType.BF16, 3: DataType.INT8, 6: DataType.INT32,
+              7: DataType.INT64, 9: DataType.BOOL, 2: DataType.UINT8, 17: DataType.FP8, 22: DataType.INT4}
+
+
+def nptype(trt_type):
+    """``tensorrt.nptype``: the numpy type of a TensorRT DataType, TypeError when numpy has none."""
+    if trt_type in _NPTYPE:
+        return _NPTYPE[trt_type]
+    raise TypeError("Could not resolve TensorRT datatype to an equivalent numpy datatype.")
+
+
+def trt_dtype(dtype) -> _Member:
+    """A DataType from a DataType, a DataType name ("BF16") or a numpy dtype."""
+    if isinstance(dtype, _Member):
+        return dtype
+    if isinstance(dtype, str) and hasattr(DataType, dtype):
+        return getattr(DataType, dtype)
+    return _FROM_NUMPY[np.dtype(dtype)]
+
+
+TensorIOMode = _enum("TensorIOMode", ["NONE", "INPUT", "OUTPUT"])
+DeviceType = _enum("DeviceType", ["GPU", "DLA"])
+MemoryPoolType = _enum("MemoryPoolType", ["WORKSPACE", "DLA_MANAGED_SRAM", "DLA_LOCAL_DRAM", "DLA_GLOBAL_DRAM",
+                                          "TACTIC_DRAM", "TACTIC_SHARED_MEMORY"])
+# BuilderFlag members, in the bindings' order (pyCore.cpp release/10.3 and main = 11.1): 11.x has no
+# FP16, BF16, INT8, FP8, INT4 or precision-constraint flags (weak typing is gone)
+BUILDER_FLAGS = {
+    10: ["FP16", "BF16", "INT8", "DEBUG", "GPU_FALLBACK", "REFIT", "DISABLE_TIMING_CACHE", "TF32", "SPARSE_WEIGHTS",
+         "SAFETY_SCOPE", "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS", "DIRECT_IO",
+         "VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME", "FP8", "ERROR_ON_TIMING_CACHE_MISS", "DISABLE_COMPILATION_CACHE",
+         "WEIGHTLESS", "STRIP_PLAN", "REFIT_IDENTICAL", "WEIGHT_STREAMING", "INT4", "REFIT_INDIVIDUAL"],
+    11: ["DEBUG", "GPU_FALLBACK", "REFIT", "DISABLE_TIMING_CACHE", "EDITABLE_TIMING_CACHE", "TF32", "SPARSE_WEIGHTS",
+         "SAFETY_SCOPE", "DIRECT_IO", "VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME", "ERROR_ON_TIMING_CACHE_MISS",
+         "DISABLE_COMPILATION_CACHE", "STRIP_PLAN", "REFIT_IDENTICAL", "WEIGHT_STREAMING", "REFIT_INDIVIDUAL",
+         "STRICT_NANS", "MONITOR_MEMORY", "DISTRIBUTIVE_INDEPENDENCE"],
+}
+# NetworkDefinitionCreationFlag: 10.x EXPLICIT_BATCH (ignored) + STRONGLY_TYPED; 11.x lost EXPLICIT_BATCH
+# and keeps STRONGLY_TYPED "Deprecated: always enabled"
+NETWORK_FLAGS = {10: ["EXPLICIT_BATCH", "STRONGLY_TYPED"],
+                 11: ["STRONGLY_TYPED", "PREFER_AOT_PYTHON_PLUGINS", "PREFER_JIT_PYTHON_PLUGINS"]}
+PRECISION_FLAGS = ("FP16", "BF16", "INT8", "FP8", "INT4")
+# ONNX ops the fake DLA takes: NVIDIA's "DLA Supported Layers and Restrictions" table, at ONNX-op
+# granularity (an approximation: the real rules also depend on parameters and shapes)
+DLA_OPS = {"Conv", "ConvTranspose", "Relu", "Sigmoid", "Tanh", "Clip", "LeakyRelu", "PRelu", "MaxPool", "AveragePool",
+           "GlobalAveragePool", "BatchNormalization", "Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "Concat",
+           "Resize", "Softmax", "Slice", "Reshape", "Transpose"}
+
+
+# -- loggers (pyCore.cpp: py::class_<ILogger, PyLogger>, Logger) ------------------------------
+class ILogger:
+    """``tensorrt.ILogger``: subclasses call ``ILogger.__init__(self)`` and override
+    ``log(severity, msg)`` (pyCoreDoc.h ILoggerDoc). Severity values are exported on the class."""
+
+    Severity = _enum("Severity", ["INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE"])
+    INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = (Severity.INTERNAL_ERROR, Severity.ERROR, Severity.WARNING,
+                                                     Severity.INFO, Severity.VERBOSE)
+
+    def __init__(self):
+        pass
+
+    def log(self, severity, msg):
+        raise NotImplementedError("ILogger.log must be overridden")
+
+
+class Logger(ILogger):
+    """``tensorrt.Logger(min_severity)``: keeps messages at ``min_severity`` or worse (the real one
+    prints them to stderr)."""
+
+    def __init__(self, min_severity=ILogger.WARNING):
+        super().__init__()
+        self.min_severity = min_severity
+        self.messages: list[tuple[str, str]] = []
+
+    def log(self, severity, msg):
+        if int(severity) <= int(self.min_severity):
+            self.messages.append((severity.name, msg))
+
+
+# -- engine, context, runtime ------------------------------------------------------------------
 class FakeContext:
+    """``IExecutionContext`` (pyCore.cpp) as the runner uses it."""
+
     def __init__(self, engine: "FakeEngine"):
         self.engine = engine
         self.profile = 0
@@ -141,23 +357,31 @@ class FakeContext:
         self.addresses: dict[str, int] = {}
         self.calls = Counter()
 
-    def set_optimization_profile_async(self, index, stream):
+    def set_optimization_profile_async(self, profile_index, stream_handle):
+        """``context_set_optimization_profile_async``: PY_ASSERT_RUNTIME_ERROR(setOptimizationProfileAsync(..),
+        "Error in set optimization profile async.") then ``return true``: never returns False."""
         self.calls["set_optimization_profile_async"] += 1
-        if not 0 <= index < len(self.engine.profiles):
-            return False
-        self.profile, self.shapes = index, {}     # TensorRT invalidates input shapes on a switch
+        if not 0 <= profile_index < self.engine.num_optimization_profiles or profile_index in self.engine.refused:
+            raise RuntimeError("Error in set optimization profile async.")
+        self.profile, self.shapes = profile_index, {}     # a switch invalidates the input shapes (pyCoreDoc.h)
         return True
 
     def set_input_shape(self, name, shape):
+        """``setInputShape`` via the tuple/list overloads: a bool, False for a name that is not an
+        input or a shape outside the active profile."""
         self.calls["set_input_shape"] += 1
-        static = self.engine.shapes[name]
-        lo, _, hi = self.engine.profiles[self.profile].get(name, (static, static, static))
+        if name not in self.engine.inputs:
+            return False
+        lo, _, hi = self.engine.profile_shape(name, self.profile)
+        shape = tuple(int(d) for d in shape)
         if len(shape) != len(lo) or any(s < a or s > b for s, a, b in zip(shape, lo, hi)):
             return False
-        self.shapes[name] = tuple(shape)
+        self.shapes[name] = shape
         return True
 
     def get_tensor_shape(self, name):
+        """Inputs: the shape set (or the engine's, -1 for unset dynamic axes); outputs: inferred
+        from the input shapes, all -1 while any dynamic input shape is unset."""
         if name in self.engine.inputs:
             return self.shapes.get(name, self.engine.shapes[name])
         missing = [n for n in self.engine.inputs if n not in self.shapes and -1 in self.engine.shapes[n]]
@@ -165,41 +389,56 @@ class FakeContext:
             return tuple(-1 for _ in self.engine.shapes[name])
         return self.engine.output_shapes({n: self.get_tensor_shape(n) for n in self.engine.inputs})[name]
 
-    def set_tensor_address(self, name, ptr):
-        self.addresses[name] = int(ptr)
+    def set_tensor_address(self, name, memory):
+        """``setTensorAddress`` -> bool (False for an unknown name)."""
+        if name not in self.engine.dtypes:
+            return False
+        self.addresses[name] = int(memory)
         return True
 
-    def execute_async_v3(self, stream):
+    def execute_async_v3(self, stream_handle):
+        """``enqueueV3`` -> bool: False (error in ``engine.errors``) when a tensor has no address
+        or a dynamic input shape was not set; otherwise the work is queued on the stream."""
         self.calls["execute_async_v3"] += 1
         eng = self.engine
-        assert set(self.addresses) == set(eng.dtypes), f"unbound tensors: {set(eng.dtypes) - set(self.addresses)}"
+        unbound = sorted(set(eng.dtypes) - set(self.addresses))
+        unset = [n for n in eng.inputs if n not in self.shapes and -1 in eng.shapes[n]]
+        if unbound or unset:
+            eng.errors.append(f"enqueueV3: unbound tensors {unbound}, input shapes not set {unset}")
+            return False
         shapes = {n: self.get_tensor_shape(n) for n in eng.dtypes}
         addresses = dict(self.addresses)
-        self.engine.executed_profiles.append(self.profile)
+        eng.executed_profiles.append(self.profile)
 
         def run():
-            feeds = {n: eng.cuda.read(addresses[n], shapes[n], eng.dtypes[n]) for n in eng.inputs}
+            feeds = {n: eng.cuda.read(addresses[n], shapes[n], eng.np_dtype(n)) for n in eng.inputs}
             outputs = eng.compute(feeds)
             for n in eng.outputs:
-                out = np.ascontiguousarray(outputs[n], dtype=eng.dtypes[n])
+                out = np.ascontiguousarray(outputs[n], dtype=eng.np_dtype(n))
                 assert out.shape == tuple(shapes[n]), (n, out.shape, shapes[n])
                 eng.cuda.view(addresses[n], out.nbytes)[:] = out.reshape(-1).view(np.uint8)
-        eng.cuda.enqueue(stream, run)
+        eng.cuda.enqueue(stream_handle, run)
         return True
 
 
 class FakeEngine:
-    """``tensors``: [(name, is_input, dtype, shape with -1)]; ``profiles``: [{input: (min, opt, max)}]."""
+    """``ICudaEngine``. ``tensors``: [(name, is_input, dtype, shape with -1)], dtype a numpy
+    dtype or a DataType name ("BF16"); ``profiles``: [{input: (min, opt, max)}]. With no
+    profiles the engine has one implicit profile: num_optimization_profiles "is always at least
+    1" (pyCoreDoc.h ICudaEngineDoc)."""
 
     def __init__(self, cuda: FakeCuda, tensors, profiles, compute):
-        self.cuda, self.compute, self.profiles = cuda, compute, profiles
+        self.cuda, self.compute = cuda, compute
+        self.profiles = [dict(p) for p in profiles] or [{}]
         self.names = [t[0] for t in tensors]
         self.inputs = [t[0] for t in tensors if t[1]]
         self.outputs = [t[0] for t in tensors if not t[1]]
-        self.dtypes = {t[0]: np.dtype(t[2]) for t in tensors}
-        self.shapes = {t[0]: tuple(t[3]) for t in tensors}
+        self.dtypes = {t[0]: trt_dtype(t[2]) for t in tensors}
+        self.shapes = {t[0]: tuple(int(d) for d in t[3]) for t in tensors}
         self.contexts: list[FakeContext] = []
         self.executed_profiles: list[int] = []
+        self.errors: list[str] = []
+        self.refused: set[int] = set()     # profiles whose switch the C++ call refuses (a test sets them)
         self._shape_cache: dict = {}
 
     @classmethod
@@ -218,18 +457,26 @@ class FakeEngine:
         tensors += [(t["name"], False, t["dtype"], dims(t)) for t in part_spec["outputs"]]
         return cls(cuda, tensors, profiles, compute)
 
-    # -- the ICudaEngine surface the runner uses ---------------------------------------------
+    def np_dtype(self, name):
+        return np.dtype(nptype(self.dtypes[name]))
+
+    def profile_shape(self, name, index):
+        static = self.shapes[name]
+        return self.profiles[index].get(name, (static, static, static))
+
+    # -- the ICudaEngine surface -------------------------------------------------------------
     @property
     def num_io_tensors(self):
         return len(self.names)
 
-    def get_tensor_name(self, i):
-        return self.names[i]
+    def get_tensor_name(self, index):
+        return self.names[index]
 
     def get_tensor_mode(self, name):
-        return FakeTRT.TensorIOMode.INPUT if name in self.inputs else FakeTRT.TensorIOMode.OUTPUT
+        return TensorIOMode.INPUT if name in self.inputs else TensorIOMode.OUTPUT
 
     def get_tensor_dtype(self, name):
+        """A ``DataType`` (not a numpy dtype): the runner maps it with ``trt.nptype``."""
         return self.dtypes[name]
 
     def get_tensor_shape(self, name):
@@ -242,8 +489,9 @@ class FakeEngine:
     def num_optimization_profiles(self):
         return len(self.profiles)
 
-    def get_tensor_profile_shape(self, name, index):
-        return self.profiles[index][name]
+    def get_tensor_profile_shape(self, name, profile_index):
+        """``get_tensor_profile_shape``: [min, opt, max] for the tensor under that profile."""
+        return list(self.profile_shape(name, profile_index))
 
     def create_execution_context(self):
         ctx = FakeContext(self)
@@ -254,39 +502,96 @@ class FakeEngine:
         """Like TensorRT's shape inference: computed from input shapes only (here by running zeros)."""
         key = tuple(sorted(input_shapes.items()))
         if key not in self._shape_cache:
-            zeros = {n: np.zeros(s, self.dtypes[n]) for n, s in input_shapes.items()}
+            zeros = {n: np.zeros(s, self.np_dtype(n)) for n, s in input_shapes.items()}
             self._shape_cache[key] = {n: tuple(v.shape) for n, v in self.compute(zeros).items()}
         return self._shape_cache[key]
 
 
+PLAN_MAGIC = b"FAKE-TRT-PLAN\n"
+
+
 class FakeRuntime:
-    def __init__(self, trt: "FakeTRT"):
-        self.trt = trt
+    """``tensorrt.Runtime(logger)``: ``DLA_core`` (get/setDLACore) and
+    ``deserialize_cuda_engine(buffer)`` -> ICudaEngine, or None (nullptr, error logged) for data
+    it cannot read, including a plan from another TensorRT version."""
+
+    def __init__(self, trt: "FakeTRT", logger):
+        self.trt, self.logger = trt, logger
         self.DLA_core = -1
 
-    def deserialize_cuda_engine(self, data: bytes):
-        return self.trt.engines.get(bytes(data))
+    def deserialize_cuda_engine(self, serialized_engine):
+        data = bytes(memoryview(serialized_engine))
+        if data in self.trt.engines:
+            return self.trt.engines[data]
+        if not data.startswith(PLAN_MAGIC):
+            self.logger.log(ILogger.ERROR, "Engine deserialization failed: not a serialized engine")
+            return None
+        header = json.loads(data[len(PLAN_MAGIC):].decode())
+        if header["version"] != self.trt.__version__:
+            self.logger.log(ILogger.ERROR, f"The engine plan file is not compatible with this version of TensorRT, "
+                                           f"expecting library version {self.trt.__version__} got {header['version']}")
+            return None
+        return self.trt.engine_from_plan(header)
+
+
+class FakeHostMemory(bytes):
+    """``IHostMemory``: a buffer (``memoryview``/``bytes()`` work) with ``nbytes``."""
+
+    @property
+    def nbytes(self):
+        return len(self)
 
 
 class FakeTRT:
-    """Module-like stand-in for ``import tensorrt``; ``engines`` maps engine-file bytes to engines."""
+    """Module-like stand-in for ``import tensorrt`` of one version.
 
-    class TensorIOMode:
-        INPUT, OUTPUT = "INPUT", "OUTPUT"
+    ``engines`` maps engine-file bytes to prepared FakeEngines; plans built by this FakeTRT's
+    Builder deserialize through its Runtime (ONNX Runtime computes them on ``cuda``).
+    ``dla_cores`` is what ``Builder.num_DLA_cores`` reports; ``unsupported_ops`` fail parsing;
+    ``builds`` records what each build saw; ``timing_hits`` counts timing-cache entries reused."""
 
-    class Logger:
-        WARNING = 2
+    ILogger, Logger = ILogger, Logger
+    DataType, TensorIOMode, DeviceType, MemoryPoolType = DataType, TensorIOMode, DeviceType, MemoryPoolType
+    float32, float16, bfloat16, int8, int32, int64, bool, uint8, fp8, int4 = (
+        DataType.FLOAT, DataType.HALF, DataType.BF16, DataType.INT8, DataType.INT32, DataType.INT64, DataType.BOOL,
+        DataType.UINT8, DataType.FP8, DataType.INT4)
+    nptype = staticmethod(nptype)
 
-        def __init__(self, level=None):
-            self.level = level
-
-    def __init__(self, version: str = "10.3.0"):
+    def __init__(self, version: str = "10.3.0", *, dla_cores: int = 0, cuda: FakeCuda | None = None,
+                 gpu: str = "Fake GPU", unsupported_ops=(), dla_ops=DLA_OPS):
         self.__version__ = version
+        self.major = int(version.split(".")[0])
+        generation = 11 if self.major >= 11 else 10
+        self.BuilderFlag = _enum("BuilderFlag", BUILDER_FLAGS[generation])
+        self.NetworkDefinitionCreationFlag = _enum("NetworkDefinitionCreationFlag", NETWORK_FLAGS[generation])
+        if generation >= 11:
+            self.fp4 = DataType.FP4
+        self.dla_cores, self.cuda, self.gpu = dla_cores, cuda, gpu
+        self.unsupported_ops, self.dla_ops = set(unsupported_ops), set(dla_ops)
         self.engines: dict[bytes, FakeEngine] = {}
+        self.onnx_models: dict[str, bytes] = {}
+        self.builds: list[dict] = []
+        self.timing_hits = 0
 
     def Runtime(self, logger):
-        return FakeRuntime(self)
+        return FakeRuntime(self, logger)
 
-    @staticmethod
-    def nptype(dtype):
-        return dtype
+    def Builder(self, logger):
+        from trt_fakes_build import FakeBuilder
+
+        return FakeBuilder(self, logger)
+
+    def OnnxParser(self, network, logger):
+        from trt_fakes_build import FakeOnnxParser
+
+        return FakeOnnxParser(network, logger)
+
+    def engine_from_plan(self, header: dict) -> FakeEngine:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(self.onnx_models[header["onnx"]], providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        tensors = [(n, True, getattr(DataType, d), s) for n, d, s in header["inputs"]]
+        tensors += [(n, False, getattr(DataType, d), s) for n, d, s in header["outputs"]]
+        profiles = [{k: tuple(tuple(s) for s in v) for k, v in p.items()} for p in header["profiles"]]
+        return FakeEngine(self.cuda, tensors, profiles, lambda feeds: dict(zip(names, session.run(names, feeds))))

@@ -6,7 +6,7 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="'edgevl-tiny' or a local checkpoint directory")
+    p.add_argument("--model", required=True, help="'edgevl-tiny', a local checkpoint directory or a Hugging Face Hub id (org/name)")
     p.add_argument("--target", required=True, choices=["onnxruntime", "openvino", "tensorrt"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4", "int8-qdq", "int8-wo", "int4-wo"],
                    help="int8 / int4: the fastest deployment, each part's recipe chosen by timing its candidates on "

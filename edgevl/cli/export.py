@@ -6,7 +6,8 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="'edgevl-tiny' or a local checkpoint directory (save_pretrained layout)")
+    p.add_argument("--model", required=True, help="'edgevl-tiny', a local checkpoint directory (save_pretrained layout) or a Hugging Face "
+                        "Hub id (org/name[@revision], from the HF cache offline)")
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--atol", type=float, default=1e-4, help="max abs diff allowed between ONNX and PyTorch")

@@ -24,6 +24,14 @@ COMMANDS = {
     "run": ("edgevl.cli.run", "answer a prompt about an image with a bundle"),
     "bench": ("edgevl.cli.bench", "benchmark backends and precisions side by side against PyTorch eager"),
     "stream": ("edgevl.cli.stream", "answer a prompt live about camera, video, RTSP/GStreamer or folder frames"),
+    # trust: signed bundles and safe installs on devices (edgevl.signing, edgevl.install)
+    "keygen": ("edgevl.cli.keygen", "make an Ed25519 key pair for signing bundles"),
+    "sign": ("edgevl.cli.sign", "sign a bundle's manifest with a private key"),
+    "verify": ("edgevl.cli.verify", "verify a bundle's files, containment and signature against trusted keys"),
+    "install": ("edgevl.cli.install", "install a bundle into a models directory atomically (verify, smoke test, switch)"),
+    "rollback": ("edgevl.cli.rollback", "make the previous installed version of a model active again"),
+    "serve": ("edgevl.cli.serve", "serve bundles over an OpenAI-compatible HTTP API (locally, or on Ray Serve)"),
+    "batch": ("edgevl.cli.batch", "answer a prompt about every image or video frame to JSONL (locally, or on Ray Data)"),
 }
 
 

@@ -3,8 +3,8 @@
 Per part: parse the ONNX (converted to FP16 first on TensorRT 11 for --fp16), add the
 optimization profiles computed from the manifest (trt_profiles), set the precision the way
 this TensorRT version wants it (trt_plan), cap the workspace, share a persistent timing cache
-between builds, optionally place the vision encoder on a Jetson DLA core with GPU fallback,
-build, and write ``tensorrt/<part>.engine`` + its metadata sidecar (trt_metadata) into the
+between builds, optionally place the vision encoder on a Jetson DLA core (static shape, GPU
+fallback; the build reports how many layers the DLA takes), build, and write ``tensorrt/<part>.engine`` + its metadata sidecar (trt_metadata) into the
 bundle. An engine whose sidecar already matches this TensorRT, this GPU, the part's ONNX and
 the build settings is reused instead of rebuilt (``rebuild=True`` forces).
 """
@@ -16,13 +16,14 @@ import importlib.util
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgevl.errors import BackendUnavailable, ConfigError
-from edgevl.exporters.compile.trt_plan import BuildPlan, part_precision, plan_build
+from edgevl.exporters.compile.trt_plan import BuildPlan, part_precision, plan_build, static_profiles
 from edgevl.exporters.compile.trt_profiles import AxisRange, Profile, ProfileOptions, compute_profiles
 
 ARTIFACT_DIR = "tensorrt"
@@ -52,7 +53,8 @@ def add_arguments(g) -> None:
                    help="timing cache file shared by builds (default ~/.cache/edgevl/tensorrt/...; 'none' disables)")
     g.add_argument("--opt-level", type=int, default=3, choices=range(0, 6), help="builder optimization level 0-5")
     g.add_argument("--dla-core", type=int, default=None, help="Jetson: run the vision part on this DLA core "
-                   "(GPU fallback for unsupported layers; TensorRT 10 only)")
+                   "(static shape at --opt-batch; GPU fallback for unsupported layers; TensorRT 10.0-10.7 or "
+                   "11.4.1 on JetPack 7.2.2+)")
     g.add_argument("--dla-parts", default="vision", help="comma-separated parts placed on the DLA (default vision)")
     g.add_argument("--int8-float", choices=("fp16", "fp32"), default="fp16",
                    help="TensorRT 10 INT8: precision allowed between Q/DQ pairs (default fp16)")
@@ -129,21 +131,27 @@ def default_timing_cache(trt_version: str, gpu_name: str, capability: str) -> Pa
     return root / f"timing-trt{trt_version}-{slug}-sm{capability.replace('.', '')}.cache"
 
 
-def prepare(bundle, options: dict) -> Prepared:
+def prepare(bundle, options: dict, *, trt_module=None, cuda=None) -> Prepared:
+    """Check everything before a byte is written. Tests inject ``trt_module``/``cuda`` (fakes)."""
     from edgevl.runtimes.cuda_memory import open_cuda
     from edgevl.runtimes.trt_metadata import DeviceFingerprint
 
     opts = resolve_options(options)
     prof_opts = profile_options(opts)               # flag errors first: they need no GPU
-    if importlib.util.find_spec("tensorrt") is None:
+    if trt_module is None and importlib.util.find_spec("tensorrt") is None:
         raise BackendUnavailable(f"--target tensorrt needs TensorRT, which is not installed here; {INSTALL_HINT}")
     if importlib.util.find_spec("onnx") is None:
         raise BackendUnavailable(f"--target tensorrt needs the onnx package to read the bundle's graphs; {INSTALL_HINT}")
-    import tensorrt as trt
+    if trt_module is None:
+        import tensorrt as trt_module
+    trt = trt_module
 
-    gpu_name, capability = open_cuda(int(opts["device_index"])).device_info()
+    gpu_name, capability = (cuda or open_cuda(int(opts["device_index"]))).device_info()
     here = DeviceFingerprint(str(trt.__version__), gpu_name, capability)
     profiles = compute_profiles(bundle.manifest, prof_opts, opts["parts"])
+    # DLA is decided by what the builder reports (10.8+, 11.0-11.3 and 11.5+ report 0 cores)
+    dla_cores = (int(trt.Builder(trt.Logger(trt.Logger.WARNING)).num_DLA_cores)
+                 if opts["dla_core"] is not None else None)
     jobs, any_qdq = [], False
     for part, part_profiles in profiles.items():
         spec = bundle.parts[part]
@@ -152,7 +160,9 @@ def prepare(bundle, options: dict) -> Prepared:
         precision = part_precision(opts["precision"], has_qdq, part)
         dla = opts["dla_core"] if part in opts["dla_parts"] else None
         plan = plan_build(here.tensorrt_version, precision, has_qdq=has_qdq, dla_core=dla,
-                          int8_float=opts["int8_float"])
+                          int8_float=opts["int8_float"], dla_cores=dla_cores)
+        if plan.dla_core is not None:
+            part_profiles = static_profiles(part_profiles)
         sha = bundle.manifest["files"][spec["onnx"]]["sha256"]
         via = opts["via"] if part == "vision" else None
         jobs.append(PartJob(part, spec["onnx"], sha, plan, part_profiles, via))
@@ -163,11 +173,6 @@ def prepare(bundle, options: dict) -> Prepared:
         from edgevl.exporters.compile.torch2trt_vision import check_via_torch2trt
 
         check_via_torch2trt(bundle, next((j for j in jobs if j.part == "vision"), None), here.tensorrt_version)
-    if opts["dla_core"] is not None:
-        cores = trt.Builder(trt.Logger(trt.Logger.WARNING)).num_DLA_cores
-        if opts["dla_core"] >= cores:
-            raise ConfigError(f"--dla-core {opts['dla_core']}: this device has {cores} DLA core(s)"
-                              + ("" if cores else " (DLA exists on Jetson AGX/NX Orin and Xavier only)"))
     timing = opts["timing_cache"]
     if timing is False:
         timing = None
@@ -198,19 +203,21 @@ def compile_parts(bundle, writer, prepared: Prepared, log=print) -> None:
             if job.via == "torch2trt":
                 from edgevl.exporters.compile.torch2trt_vision import build_vision_engine
 
-                serialized = build_vision_engine(bundle, job, prepared, log)
+                built = BuiltEngine(build_vision_engine(bundle, job, prepared, log))
             else:
-                serialized = build_engine(prepared.trt, bundle.path / job.onnx, job.plan, job.profiles,
-                                          workspace_mb=prepared.options["workspace_mb"],
-                                          opt_level=prepared.options["opt_level"],
-                                          timing_cache=prepared.timing_cache, log=log)
+                built = build_engine(prepared.trt, bundle.path / job.onnx, job.plan, job.profiles,
+                                     workspace_mb=prepared.options["workspace_mb"],
+                                     opt_level=prepared.options["opt_level"],
+                                     timing_cache=prepared.timing_cache, log=log)
             seconds = round(time.perf_counter() - t0, 2)
             spec = bundle.parts[job.part]
             meta = make_metadata(part=job.part, fingerprint=prepared.fingerprint, onnx_file=job.onnx,
                                  onnx_sha256=job.onnx_sha256, engine_sha256="", build=settings,
                                  io={"inputs": spec["inputs"], "outputs": spec["outputs"]},
                                  created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-            meta = write_engine(writer.file(rel), serialized, meta)
+            if built.dla is not None:
+                meta["dla"] = built.dla
+            meta = write_engine(writer.file(rel), built.serialized, meta)
             log(f"  {job.part:<8} {job.plan.precision} engine built in {seconds:.1f} s "
                 f"({len(job.profiles)} profile(s){', DLA core %d' % job.plan.dla_core if job.plan.dla_core is not None else ''})")
             for note in job.plan.notes:
@@ -223,14 +230,45 @@ def compile_parts(bundle, writer, prepared: Prepared, log=print) -> None:
         "compute_capability": prepared.fingerprint.compute_capability, "parts": summary}
 
 
+@dataclass
+class BuiltEngine:
+    serialized: object              # TensorRT's IHostMemory (or bytes)
+    dla: dict | None = None         # where the layers of a DLA part went (see _dla_report)
+
+
+def _logger(trt, log):
+    """A TensorRT ILogger that prints warnings and errors like ``trt.Logger(WARNING)`` and keeps
+    the INFO messages, where TensorRT lists the layers it placed on the DLA and the GPU."""
+    severity = trt.ILogger.Severity if hasattr(trt.ILogger, "Severity") else trt.Logger
+
+    class _Capture(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.info: list[str] = []
+            self.errors: list[str] = []
+
+        def log(self, level, msg):
+            if level in (severity.INTERNAL_ERROR, severity.ERROR):
+                self.errors.append(str(msg))
+            if level in (severity.INTERNAL_ERROR, severity.ERROR, severity.WARNING):
+                print(f"[TensorRT] {msg}", file=sys.stderr)
+            elif level == severity.INFO:
+                self.info.append(str(msg))
+
+    return _Capture()
+
+
 def build_engine(trt, onnx_path: Path, plan: BuildPlan, profiles: list[Profile], *, workspace_mb: int = 2048,
-                 opt_level: int = 3, timing_cache: Path | None = None, log=print):
-    """Parse + configure + build one engine; returns TensorRT's serialized plan (IHostMemory)."""
+                 opt_level: int = 3, timing_cache: Path | None = None, log=print) -> BuiltEngine:
+    """Parse + configure + build one engine; returns TensorRT's serialized plan (IHostMemory)
+    and, for a DLA part, how many layers the DLA took."""
     from edgevl.errors import CompileError
 
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = _logger(trt, log)
     builder = trt.Builder(logger)
-    flags = (1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)) if plan.strongly_typed else 0
+    flags = 0
+    if plan.strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)   # 11.x: deprecated, always on
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)    # owns the parsed weights: keep it alive until the build ends
     with tempfile.TemporaryDirectory(prefix="edgevl-trt-") as tmp:
@@ -243,7 +281,7 @@ def build_engine(trt, onnx_path: Path, plan: BuildPlan, profiles: list[Profile],
             log(f"           FP16 graph for strong typing: {report['fp16_nodes']} nodes FP16, "
                 f"{report['fp32_nodes']} FP32, {report['casts']} casts")
         if not parser.parse_from_file(str(model_path)):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or "no parser error given"
             raise CompileError(f"TensorRT {trt.__version__} could not parse {onnx_path.name}: {errors}")
         inputs = [network.get_input(i) for i in range(network.num_inputs)]
         names = {t.name for t in inputs}
@@ -256,6 +294,9 @@ def build_engine(trt, onnx_path: Path, plan: BuildPlan, profiles: list[Profile],
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
         config.builder_optimization_level = int(opt_level)
         for flag in plan.builder_flags:
+            if not hasattr(trt.BuilderFlag, flag):
+                raise CompileError(f"TensorRT {trt.__version__} has no builder flag {flag} (the plan was made for "
+                                   f"TensorRT {plan.tensorrt_version}); recompile on this device")
             config.set_flag(getattr(trt.BuilderFlag, flag))
         for flag in plan.cleared_flags:
             if hasattr(trt.BuilderFlag, flag):
@@ -267,19 +308,77 @@ def build_engine(trt, onnx_path: Path, plan: BuildPlan, profiles: list[Profile],
             p = builder.create_optimization_profile()
             for name, (lo, opt, hi) in prof.shapes.items():
                 if name in names:       # the parser drops inputs the graph never reads
-                    p.set_shape(name, lo, opt, hi)
-            config.add_optimization_profile(p)
+                    try:
+                        p.set_shape(name, lo, opt, hi)
+                    except RuntimeError as e:     # the binding raises for inconsistent shapes
+                        raise CompileError(f"{onnx_path.name}: TensorRT rejected profile {prof.name!r} for input "
+                                           f"{name!r} ({lo}..{opt}..{hi}): {e}") from e
+            if config.add_optimization_profile(p) < 0:
+                raise CompileError(f"{onnx_path.name}: TensorRT rejected optimization profile {prof.name!r} "
+                                   f"{prof.to_dict()['shapes']}; check the --dim/--max-* ranges")
+        dla = _dla_capability(network, config, plan.dla_core) if plan.dla_core is not None else None
         cache = _attach_timing_cache(config, timing_cache, log)
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
-            raise CompileError(f"TensorRT {trt.__version__} failed to build {onnx_path.name} (see the TensorRT log "
-                               "above); try --workspace-mb larger, --decoder-profiles single, or smaller --max-* ranges")
+            why = "; ".join(logger.errors[-3:]) or "see the TensorRT log above"
+            raise CompileError(f"TensorRT {trt.__version__} failed to build {onnx_path.name} ({why}); try "
+                               "--workspace-mb larger, --decoder-profiles single, or smaller --max-* ranges")
     if cache is not None:
         _save_timing_cache(config.get_timing_cache(), timing_cache, log)
-    return serialized
+    if dla is not None:
+        dla.update(_dla_placement(logger.info))
+        log(_describe_dla(dla))
+    return BuiltEngine(serialized, dla)
+
+
+def _dla_capability(network, config, core: int) -> dict:
+    """Before the build: which network layers TensorRT says can run on the DLA
+    (``IBuilderConfig.can_run_on_DLA``, present in 10.x and 11.x)."""
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    gpu = [layer.name for layer in layers if not config.can_run_on_DLA(layer)]
+    return {"core": int(core), "layers": len(layers), "dla_capable": len(layers) - len(gpu), "gpu_layers": gpu[:20]}
+
+
+_DLA_SECTION = re.compile(r"layers running on (dla|gpu)", re.IGNORECASE)
+
+
+def _dla_placement(info: list[str]) -> dict:
+    """After the build: the placement TensorRT logs at INFO level, a "Layers Running on DLA"
+    header with one "[DlaLayer] ..." message per DLA subgraph, then "... on GPU" with one
+    "[GpuLayer] ..." per GPU layer (the 8.4+ wording). The wording is TensorRT's, not an API:
+    without such a header the counts are None and the build says the log did not list them."""
+    counts, seen = {"dla": 0, "gpu": 0}, False
+    for msg in info:
+        text = str(msg).strip()
+        if _DLA_SECTION.search(text):
+            seen = True
+        elif text.startswith("[DlaLayer]"):
+            counts["dla"] += 1
+        elif text.startswith("[GpuLayer]"):
+            counts["gpu"] += 1
+    if not seen:
+        return {"placed_on_dla": None, "placed_on_gpu": None}
+    return {"placed_on_dla": counts["dla"], "placed_on_gpu": counts["gpu"]}
+
+
+def _describe_dla(dla: dict) -> str:
+    text = (f"           DLA core {dla['core']}: {dla['dla_capable']} of {dla['layers']} network layers can run on "
+            f"the DLA")
+    if dla.get("placed_on_dla") is not None:
+        text += (f"; TensorRT placed {dla['placed_on_dla']} layer(s) on the DLA and {dla['placed_on_gpu']} on the "
+                 "GPU")
+    else:
+        text += "; TensorRT's log did not list the placement"
+    if dla["dla_capable"] == 0 or dla.get("placed_on_dla") == 0:
+        text += " -- nothing runs on the DLA: this part runs entirely on the GPU (GPU fallback)"
+    elif dla["gpu_layers"]:
+        text += f"; on the GPU: {', '.join(dla['gpu_layers'][:5])}{' ...' if len(dla['gpu_layers']) > 5 else ''}"
+    return text
 
 
 def _attach_timing_cache(config, path: Path | None, log):
+    """Load the shared cache (``create_timing_cache``: b"" makes a new one) and attach it;
+    ``set_timing_cache`` returns False for a cache from another device, so start afresh."""
     if path is None:
         return None
     data = path.read_bytes() if path.is_file() else b""
@@ -287,8 +386,11 @@ def _attach_timing_cache(config, path: Path | None, log):
     if cache is None and data:
         log(f"           timing cache {path} is unreadable (another TensorRT?): starting a new one")
         cache = config.create_timing_cache(b"")
-    if cache is not None:
-        config.set_timing_cache(cache, ignore_mismatch=False)
+    if cache is not None and not config.set_timing_cache(cache, ignore_mismatch=False):
+        log(f"           timing cache {path} was made on another device: starting a new one")
+        cache = config.create_timing_cache(b"")
+        if cache is not None and not config.set_timing_cache(cache, ignore_mismatch=False):
+            cache = None
     return cache
 
 

@@ -88,6 +88,7 @@ class ExportableVLM:
     generation: dict = field(default_factory=lambda: {"max_new_tokens": 32, "temperature": 0.0})
     sample_prompts: tuple[str, ...] = ("describe the image.",)
     extra_files: dict[str, Path] = field(default_factory=dict)   # processor configs etc. to ship along
+    manifest_extra: dict = field(default_factory=dict)           # family sections added to the manifest
 
     def eval(self) -> "ExportableVLM":
         for m in (self.vision, self.embed, self.decoder):
@@ -129,22 +130,26 @@ def read_config(path: Path) -> dict:
 
 
 def resolve_family(model: str | Path) -> tuple[type[FamilySpec], Path]:
-    """Which family spec handles ``model`` (a name of the embedded model, or a directory)."""
+    """Which family spec handles ``model``: the embedded model's name, a checkpoint directory,
+    or a Hugging Face Hub id (resolved through huggingface_hub's cache, see hub.py)."""
     from edgevl.exporters import families  # noqa: F401  (registers every family)
     from edgevl.models.checkpoint import EMBEDDED_DIR, EMBEDDED_NAME
 
+    from edgevl.exporters.families.hub import looks_like_hub_id, resolve_hub_id
+
     if str(model) == EMBEDDED_NAME:
         return FAMILIES["edgevl-tiny"], EMBEDDED_DIR
-    path = Path(model)
+    path = resolve_hub_id(str(model)) if looks_like_hub_id(str(model)) else Path(model)
     if not path.is_dir():
-        raise CheckpointError(f"{model}: not a directory and not a built-in model name; pass '{EMBEDDED_NAME}' or "
-                              "a local checkpoint directory (no hub downloads are made)")
+        raise CheckpointError(f"{model}: not a directory and not a built-in model name or Hugging Face Hub id "
+                              f"(org/name); pass '{EMBEDDED_NAME}', a local checkpoint directory or a Hub id")
     config = read_config(path)
     for cls in FAMILIES.values():
         if cls.matches(config):
             cls.check_files(path)
             return cls, path
     found = config.get("architectures") or config.get("model_type") or "unknown"
-    supported = sorted({a for cls in FAMILIES.values() for a in cls.architectures if a[0].isupper()})
+    supported = sorted({a for cls in FAMILIES.values() if not getattr(cls, "refused", False)
+                        for a in cls.architectures if a[0].isupper()})
     raise UnsupportedArchitecture(f"{path}: architecture {found} is not supported; supported: "
                                   + ", ".join(supported) + " (adding one is one file in exporters/families/)")

@@ -2,7 +2,7 @@
 the two-layer ``aligner`` (linear, GELU, linear) and a Llama language model.
 
 Parts: vision = SigLIP last hidden state (after its post-layernorm) + aligner; embed and
-decoder as in hf_llama. Preprocessing is the DeepSeek-VL image processor's: longest edge to
+decoder as in hf_text. Preprocessing is the DeepSeek-VL image processor's: longest edge to
 ``size`` (short edge rounded, at least ``min_size``), then centred padding to a square filled
 with the image mean as 0..255 bytes (``longest_edge_pad``).
 
@@ -17,10 +17,8 @@ from pathlib import Path
 import torch
 
 from edgevl.errors import UnsupportedArchitecture
-from edgevl.exporters.families.base import EmbedPart, ExportableVLM, VisionPart, read_config, register
-from edgevl.exporters.families.hf_base import (SAMPLE_PROMPTS, HFFamilySpec, HFReference, check_vision,
-                                               derive_prompt, eos_ids, interpolation, normalisation, shipped_files)
-from edgevl.exporters.families.hf_llama import check_text_config, llama_to_decoder
+from edgevl.exporters.families.base import ExportableVLM, VisionPart, register
+from edgevl.exporters.families.hf_base import HFFamilySpec, HFReference, eos_ids, interpolation, normalisation
 
 DEFAULT_TEMPLATE = "User: {image}{prompt}\n\nAssistant:"
 
@@ -53,31 +51,14 @@ class DeepseekVLSpec(HFFamilySpec):
     model_class = "DeepseekVLForConditionalGeneration"
 
     def load(self, path: Path) -> ExportableVLM:
-        from transformers import AutoConfig, AutoProcessor
+        from transformers import AutoProcessor
 
         path = Path(path)
-        where = f"{path} (DeepSeek-VL)"
-        config = AutoConfig.from_pretrained(path)
-        check_text_config(config.text_config, where)
-        arch, model = self.load_model(path, read_config(path))
+        where, config, arch, model = self.open(path, "DeepSeek-VL")
         processor = AutoProcessor.from_pretrained(path)
         preprocess, side = preprocess_spec(processor.image_processor, where)
-        eos = eos_ids(model)
-        ref = HFReference(model, processor, eos, default_template=DEFAULT_TEMPLATE)
-        lm = model.model.language_model
-        decoder = llama_to_decoder(lm, model.lm_head, config.text_config, where)
-        prompt, add_special, tokenizer_file = derive_prompt(ref, path, config.image_token_id, (side, side),
-                                                            config.text_config.bos_token_id)
-        vision = VisionPart(torch.nn.ModuleList([model.model.vision_model, model.model.aligner]), _vision).eval()
-        check_vision(where, vision, lambda px: model.model.get_image_features(px).pooler_output,
-                     torch.randn(2, 3, side, side), prompt["image_seq_len"])
-        return ExportableVLM(
-            name=path.name, family=self.name, architecture=arch, source=str(path),
-            vision=vision, embed=EmbedPart(lm.embed_tokens), decoder=decoder,
-            pixel_shape=(3, side, side), image_seq_len=prompt["image_seq_len"], preprocess=preprocess,
-            prompt=prompt, tokenizer_file=tokenizer_file,
-            tokenizer={"bos_token_id": config.text_config.bos_token_id, "eos_token_ids": eos,
-                       "pad_token_id": config.text_config.pad_token_id, "add_special_tokens": add_special},
-            max_position=int(config.text_config.max_position_embeddings), reference=ref,
-            sample_prompts=SAMPLE_PROMPTS, extra_files=shipped_files(path),
-        ).eval()
+        ref = HFReference(model, processor, eos_ids(model), default_template=DEFAULT_TEMPLATE)
+        vision = VisionPart(torch.nn.ModuleList([model.model.vision_model, model.model.aligner]), _vision)
+        return self.assemble(path, where, arch, model, config, ref, vision=vision,
+                             text_model=model.model.language_model, size=(side, side), preprocess=preprocess,
+                             hf_features=lambda px: model.model.get_image_features(px).pooler_output)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from edgevl.errors import CheckpointError, ExportError, UnsupportedArchitecture
-from edgevl.exporters.families.base import FamilySpec, Reference
+from edgevl.exporters.families.base import ExportableVLM, FamilySpec, Reference
 from edgevl.prompting import render_prompt
 
 PROMPT_SLOT = "EDGEVLPROMPTSLOT"
@@ -70,6 +70,49 @@ class HFFamilySpec(FamilySpec):
             raise CheckpointError(f"{path}: transformers could not load the {arch} checkpoint: {e}") from e
         return arch, model.eval()
 
+    def open(self, path: Path, label: str):
+        """-> (where, config, arch, model): the config checked (text model refused before any
+        weight is read), then the model loaded in float32."""
+        from transformers import AutoConfig
+
+        from edgevl.exporters.families.base import read_config
+        from edgevl.exporters.families.hf_text import check_text_config
+
+        where = f"{path} ({label})"
+        config = AutoConfig.from_pretrained(path)
+        self.check_config(config, where)
+        check_text_config(config.text_config, where)
+        arch, model = self.load_model(path, read_config(path))
+        return where, config, arch, model
+
+    def check_config(self, config, where: str) -> None:
+        """Family options refused before the weights load (a family overrides it)."""
+
+    def assemble(self, path: Path, where: str, arch: str, model, config, ref: "HFReference", *,
+                 vision: torch.nn.Module, text_model: torch.nn.Module, size: tuple[int, int], preprocess: dict,
+                 hf_features, check_batch: int = 2, image_token_id: int | None = None,
+                 lm_head: torch.nn.Module | None = None, manifest_extra: dict | None = None) -> ExportableVLM:
+        """What every HF family does once its own parts exist: the text model as edgevl's
+        Decoder, the prompt spec derived and proved against the processor, the vision part
+        checked against the HF model's image features, and the ExportableVLM."""
+        from edgevl.exporters.families.hf_text import embed_part, text_to_decoder
+
+        text = config.text_config
+        decoder = text_to_decoder(text_model, model.lm_head if lm_head is None else lm_head, text, where)
+        token_id = config.image_token_id if image_token_id is None else image_token_id
+        prompt, add_special, tokenizer_file = derive_prompt(ref, path, token_id, size, text.bos_token_id)
+        check_vision(where, vision.eval(), hf_features, torch.randn(check_batch, 3, *size), prompt["image_seq_len"])
+        vlm = ExportableVLM(
+            name=path.name, family=self.name, architecture=arch, source=str(path),
+            vision=vision, embed=embed_part(text_model), decoder=decoder,
+            pixel_shape=(3, *size), image_seq_len=prompt["image_seq_len"], preprocess=preprocess,
+            prompt=prompt, tokenizer_file=tokenizer_file,
+            tokenizer={"bos_token_id": text.bos_token_id, "eos_token_ids": ref.eos,
+                       "pad_token_id": text.pad_token_id, "add_special_tokens": add_special},
+            max_position=int(text.max_position_embeddings), reference=ref,
+            sample_prompts=SAMPLE_PROMPTS, extra_files=shipped_files(path), manifest_extra=dict(manifest_extra or {}))
+        return vlm.eval()
+
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -80,6 +123,32 @@ def shipped_files(path: Path) -> dict[str, Path]:
     names = ("config.json", "generation_config.json", "tokenizer_config.json", "preprocessor_config.json",
              "processor_config.json", "chat_template.jinja", "chat_template.json", "special_tokens_map.json")
     return {f"hf/{n}": path / n for n in names if (path / n).is_file()}
+
+
+def image_only_processor(processor_cls, path: Path, *count_keys: str):
+    """``processor_cls`` (SmolVLMProcessor, InternVLProcessor...) built without its video
+    processor, which needs torchvision, and torchvision cannot sit beside torch 2.13 here
+    (MEASURED.md item 11); images need none of it. ``count_keys``: the processor_config.json
+    keys passed on (the image token count)."""
+    import transformers as tf
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageOnlyProcessor(processor_cls):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+        def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+            return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
+
+    config = read_json(path / "processor_config.json")
+    template = (path / "chat_template.jinja").read_text() if (path / "chat_template.jinja").is_file() else \
+        read_json(path / "chat_template.json").get("chat_template") or config.get("chat_template")
+    kwargs = {k: config[k] for k in count_keys if k in config}
+    return ImageOnlyProcessor(image_processor=tf.AutoImageProcessor.from_pretrained(path),
+                              tokenizer=tf.AutoTokenizer.from_pretrained(path), video_processor=None,
+                              chat_template=template, **kwargs)
 
 
 def eos_ids(model) -> list[int]:
@@ -103,6 +172,28 @@ def normalisation(ip) -> dict:
             "mean": [float(m) for m in ip.image_mean] if ip.do_normalize else [0.0, 0.0, 0.0],
             "std": [float(s) for s in ip.image_std] if ip.do_normalize else [1.0, 1.0, 1.0],
             "channel_order": "RGB"}
+
+
+FEATURE_STRATEGIES = ("default", "full")   # CLS dropped / kept by LLaVA-style vision feature selection
+
+
+def check_feature_strategy(config, where: str) -> None:
+    strategy = config.vision_feature_select_strategy
+    if strategy not in FEATURE_STRATEGIES:
+        raise UnsupportedArchitecture(f"{where}: vision_feature_select_strategy {strategy!r} is not supported; "
+                                      f"supported: {', '.join(FEATURE_STRATEGIES)}")
+
+
+def stretch_spec(ip, where: str) -> tuple[dict, tuple[int, int]]:
+    """An image processor that resizes to a fixed ``{'height': H, 'width': W}`` (no crop, no
+    aspect kept) -> (preprocess spec, (H, W))."""
+    size = dict(ip.size)
+    if not ip.do_resize or not size.get("height") or not size.get("width"):
+        raise UnsupportedArchitecture(f"{where}: image processor do_resize={ip.do_resize} size={size} is not "
+                                      "supported; supported: do_resize with size={'height': H, 'width': W}")
+    out = (int(size["height"]), int(size["width"]))
+    return {"size": list(out), "resize_mode": "stretch", "interpolation": interpolation(ip.resample, where),
+            **normalisation(ip)}, out
 
 
 class HFReference(Reference):
@@ -137,6 +228,20 @@ class HFReference(Reference):
         if len(offsets) != 1:
             raise ExportError(f"the processor expanded one image into {len(offsets)} pieces; expected one")
         return offsets[0]["replacement"]
+
+    def prompt_layout(self) -> tuple[str, str]:
+        """(template with {image} and {prompt}, the text the chat template puts after each image),
+        found by rendering the chat template around a sentinel with one and two images."""
+        tok = self.image_token
+        one, two = self.text(PROMPT_SLOT, 1), self.text(PROMPT_SLOT, 2)
+        if one.count(tok) != 1 or one.count(PROMPT_SLOT) != 1:
+            raise ExportError(f"the chat template rendered {one!r}: expected one {tok!r} and one prompt slot")
+        head, tail = one.split(tok)
+        second = two.find(tok, len(head) + len(tok))
+        sep = two[len(head) + len(tok):second] if second > 0 else ""
+        if not (tail.startswith(sep) and two == head + (tok + sep) * 2 + tail[len(sep):]):
+            sep = ""   # images not laid out as repeated blocks: single-image prompts stay exact
+        return (head + "{image}" + tail[len(sep):]).replace(PROMPT_SLOT, "{prompt}"), sep
 
     # -- Reference -----------------------------------------------------------------------------
     def pixels(self, images: list[np.ndarray]) -> torch.Tensor:
@@ -180,16 +285,7 @@ def derive_prompt(ref: HFReference, checkpoint: Path, image_token_id: int, image
     otherwise the tokenizer as transformers built it in memory (transformers 5 rebuilds some
     pipelines, e.g. Llama's, from tokenizer_config) is serialised and tried.
     """
-    tok = ref.image_token
-    one, two = ref.text(PROMPT_SLOT, 1), ref.text(PROMPT_SLOT, 2)
-    if one.count(tok) != 1 or one.count(PROMPT_SLOT) != 1:
-        raise ExportError(f"the chat template rendered {one!r}: expected one {tok!r} and one prompt slot")
-    head, tail = one.split(tok)
-    second = two.find(tok, len(head) + len(tok))
-    sep = two[len(head) + len(tok):second] if second > 0 else ""
-    if not (tail.startswith(sep) and two == head + (tok + sep) * 2 + tail[len(sep):]):
-        sep = ""   # images not laid out as repeated blocks: single-image prompts stay exact
-    template = (head + "{image}" + tail[len(sep):]).replace(PROMPT_SLOT, "{prompt}")
+    template, sep = ref.prompt_layout()
     block = ref.image_block(image_size) + sep
     expected = {p: ref.input_ids(p, 1) for p in prompts}
     spec = {"image_block": block, "image_token_id": int(image_token_id),

@@ -3,7 +3,7 @@ hidden layer picked by ``vision_feature_layer`` (CLS dropped with the "default" 
 the two-layer ``multi_modal_projector``, and a Llama language model.
 
 Parts: vision = tower + layer selection + projector; embed = the LM's token embedding;
-decoder = the Llama LM as edgevl's Decoder (see hf_llama). Preprocessing is the CLIP image
+decoder = the LM as edgevl's Decoder (see hf_text). Preprocessing is the CLIP image
 processor's: shortest edge to ``size``, centre crop to ``crop_size`` (or a plain resize to
 ``height x width`` when the checkpoint does not crop). ``do_pad`` (pad to square first) is not
 reproduced and is refused.
@@ -16,13 +16,11 @@ from pathlib import Path
 import torch
 
 from edgevl.errors import UnsupportedArchitecture
-from edgevl.exporters.families.base import EmbedPart, ExportableVLM, read_config, register
-from edgevl.exporters.families.hf_base import (SAMPLE_PROMPTS, HFFamilySpec, HFReference, check_vision,
-                                               derive_prompt, eos_ids, interpolation, normalisation, shipped_files)
-from edgevl.exporters.families.hf_llama import check_text_config, llama_to_decoder
+from edgevl.exporters.families.base import ExportableVLM, register
+from edgevl.exporters.families.hf_base import (HFFamilySpec, HFReference, check_feature_strategy, eos_ids,
+                                               interpolation, normalisation)
 
 DEFAULT_TEMPLATE = "USER: {image}\n{prompt} ASSISTANT:"   # llava-1.5's, for checkpoints with no chat template
-STRATEGIES = ("default", "full")
 
 
 class LlavaVision(torch.nn.Module):
@@ -66,41 +64,24 @@ class LlavaSpec(HFFamilySpec):
     architectures = ("LlavaForConditionalGeneration", "llava")
     model_class = "LlavaForConditionalGeneration"
 
+    def check_config(self, config, where: str) -> None:
+        check_feature_strategy(config, where)
+
     def load(self, path: Path) -> ExportableVLM:
-        from transformers import AutoConfig, AutoProcessor
+        from transformers import AutoProcessor
 
         path = Path(path)
-        where = f"{path} (LLaVA)"
-        config = AutoConfig.from_pretrained(path)
-        check_text_config(config.text_config, where)
+        where, config, arch, model = self.open(path, "LLaVA")
         strategy = config.vision_feature_select_strategy
-        if strategy not in STRATEGIES:
-            raise UnsupportedArchitecture(f"{where}: vision_feature_select_strategy {strategy!r} is not supported; "
-                                          f"supported: {', '.join(STRATEGIES)}")
-        arch, model = self.load_model(path, read_config(path))
         processor = AutoProcessor.from_pretrained(path)
         preprocess, out_size = preprocess_spec(processor.image_processor, where)
-        eos = eos_ids(model)
-        ref = HFReference(model, processor, eos, default_template=DEFAULT_TEMPLATE)
-        lm = model.model.language_model
-        decoder = llama_to_decoder(lm, model.lm_head, config.text_config, where)
-        tokenizer_cfg = config.text_config
-        prompt, add_special, tokenizer_file = derive_prompt(ref, path, config.image_token_id, out_size,
-                                                            tokenizer_cfg.bos_token_id)
-        vision = LlavaVision(model, config.vision_feature_layer, strategy).eval()
+        ref = HFReference(model, processor, eos_ids(model), default_template=DEFAULT_TEMPLATE)
 
         def hf_features(px):
             out = model.model.get_image_features(px, vision_feature_layer=config.vision_feature_layer,
                                                  vision_feature_select_strategy=strategy)
             return torch.stack(list(out.pooler_output))
-        check_vision(where, vision, hf_features, torch.randn(2, 3, *out_size), prompt["image_seq_len"])
-        return ExportableVLM(
-            name=path.name, family=self.name, architecture=arch, source=str(path),
-            vision=vision, embed=EmbedPart(lm.embed_tokens), decoder=decoder,
-            pixel_shape=(3, *out_size), image_seq_len=prompt["image_seq_len"], preprocess=preprocess,
-            prompt=prompt, tokenizer_file=tokenizer_file,
-            tokenizer={"bos_token_id": tokenizer_cfg.bos_token_id, "eos_token_ids": eos,
-                       "pad_token_id": tokenizer_cfg.pad_token_id, "add_special_tokens": add_special},
-            max_position=int(config.text_config.max_position_embeddings), reference=ref,
-            sample_prompts=SAMPLE_PROMPTS, extra_files=shipped_files(path),
-        ).eval()
+        return self.assemble(path, where, arch, model, config, ref,
+                             vision=LlavaVision(model, config.vision_feature_layer, strategy),
+                             text_model=model.model.language_model, size=out_size, preprocess=preprocess,
+                             hf_features=hf_features)

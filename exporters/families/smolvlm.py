@@ -5,7 +5,7 @@ Both are a SigLIP-style vision transformer, a connector (pixel shuffle by ``scal
 then one linear layer) and a Llama language model; the modules have the same names in both.
 
 Parts: vision = patch embedding + position embedding of a full (unpadded) image + encoder +
-post-layernorm + connector; embed and decoder as in hf_llama.
+post-layernorm + connector; embed and decoder as in hf_text.
 
 **Image splitting is disabled, on purpose, and the manifest says so.** With
 ``do_image_splitting`` the processor cuts an image into a grid of up to
@@ -31,11 +31,9 @@ from pathlib import Path
 import torch
 
 from edgevl.errors import UnsupportedArchitecture
-from edgevl.exporters.families.base import EmbedPart, ExportableVLM, read_config, register
-from edgevl.exporters.families.hf_base import (SAMPLE_PROMPTS, HFFamilySpec, HFReference, check_vision,
-                                               derive_prompt, eos_ids, interpolation, normalisation, read_json,
-                                               shipped_files)
-from edgevl.exporters.families.hf_llama import check_text_config, llama_to_decoder
+from edgevl.exporters.families.base import ExportableVLM, register
+from edgevl.exporters.families.hf_base import HFFamilySpec, HFReference, eos_ids, interpolation, normalisation
+from edgevl.exporters.families.hf_base import image_only_processor as hf_image_only_processor
 
 DEFAULT_TEMPLATE = "<|im_start|>User:{image}{prompt}<end_of_utterance>\nAssistant:"
 NO_SPLITTING = {"do_image_splitting": False}
@@ -89,27 +87,10 @@ def preprocess_spec(ip, where: str) -> tuple[dict, int]:
 
 
 def image_only_processor(path: Path):
-    """SmolVLMProcessor without its video processor (which needs torchvision, and torchvision
-    cannot sit beside torch 2.13 here: MEASURED.md item 11); images need none of it."""
+    """SmolVLMProcessor without its video processor (see hf_base.image_only_processor)."""
     import transformers as tf
-    from transformers.processing_utils import ProcessorMixin
 
-    class ImageOnlySmolVLMProcessor(tf.SmolVLMProcessor):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-        def apply_chat_template(self, conversation, chat_template=None, **kwargs):
-            return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
-
-    config = read_json(path / "processor_config.json")
-    template = (path / "chat_template.jinja").read_text() if (path / "chat_template.jinja").is_file() else \
-        read_json(path / "chat_template.json").get("chat_template") or config.get("chat_template")
-    kwargs = {"image_seq_len": config["image_seq_len"]} if "image_seq_len" in config else {}
-    return ImageOnlySmolVLMProcessor(image_processor=tf.AutoImageProcessor.from_pretrained(path),
-                                     tokenizer=tf.AutoTokenizer.from_pretrained(path), video_processor=None,
-                                     chat_template=template, **kwargs)
+    return hf_image_only_processor(tf.SmolVLMProcessor, path, "image_seq_len")
 
 
 @register
@@ -119,14 +100,10 @@ class SmolVLMSpec(HFFamilySpec):
     model_class = "SmolVLMForConditionalGeneration"
 
     def load(self, path: Path) -> ExportableVLM:
-        from transformers import AutoConfig, AutoProcessor
+        from transformers import AutoProcessor
 
         path = Path(path)
-        raw = read_config(path)
-        where = f"{path} (SmolVLM/Idefics3)"
-        config = AutoConfig.from_pretrained(path)
-        check_text_config(config.text_config, where)
-        arch, model = self.load_model(path, raw)
+        where, config, arch, model = self.open(path, "SmolVLM/Idefics3")
         processor = AutoProcessor.from_pretrained(path) if arch.startswith("Idefics3") else image_only_processor(path)
         ip = processor.image_processor
         preprocess, side = preprocess_spec(ip, where)
@@ -134,23 +111,9 @@ class SmolVLMSpec(HFFamilySpec):
             logging.getLogger(__name__).warning(
                 "%s: image splitting is disabled in the bundle (checkpoint default do_image_splitting=True); each "
                 "image is encoded as the processor's global view, see preprocess.image_splitting", path.name)
-        eos = eos_ids(model)
-        ref = HFReference(model, processor, eos, image_kwargs=NO_SPLITTING, default_template=DEFAULT_TEMPLATE)
-        text_model = model.model.text_model
-        decoder = llama_to_decoder(text_model, model.lm_head, config.text_config, where)
-        prompt, add_special, tokenizer_file = derive_prompt(ref, path, config.image_token_id, (side, side),
-                                                            config.text_config.bos_token_id)
-        vision = Idefics3Vision(model, side).eval()
-        check_vision(where, vision, lambda px: model.model.get_image_features(px[:, None]).pooler_output[0],
-                     torch.randn(1, 3, side, side), prompt["image_seq_len"])
-        return ExportableVLM(
-            name=path.name, family=self.name, architecture=arch, source=str(path),
-            vision=vision, embed=EmbedPart(text_model.embed_tokens), decoder=decoder,
-            pixel_shape=(3, side, side), image_seq_len=prompt["image_seq_len"], preprocess=preprocess,
-            prompt=prompt, tokenizer_file=tokenizer_file,
-            tokenizer={"bos_token_id": config.text_config.bos_token_id, "eos_token_ids": eos,
-                       "pad_token_id": config.text_config.pad_token_id, "add_special_tokens": add_special},
-            max_position=int(config.text_config.max_position_embeddings), reference=ref,
-            sample_prompts=SAMPLE_PROMPTS, extra_files=shipped_files(path),
-        ).eval()
-
+        ref = HFReference(model, processor, eos_ids(model), image_kwargs=NO_SPLITTING,
+                          default_template=DEFAULT_TEMPLATE)
+        return self.assemble(path, where, arch, model, config, ref, vision=Idefics3Vision(model, side),
+                             text_model=model.model.text_model, size=(side, side), preprocess=preprocess,
+                             hf_features=lambda px: model.model.get_image_features(px[:, None]).pooler_output[0],
+                             check_batch=1)

@@ -3,39 +3,36 @@ model builder), as a compiled artefact of a bundle: ``parts.decoder.artifacts.on
 
 Why: a decode step of the portable decoder in ONNX Runtime runs ~40 small nodes per layer (two
 attention pieces, masks, RoPE, softmax...) and its attention reads the whole cache capacity.
-Lowered, a layer is 13 nodes:
+Lowered, a layer is 11 nodes:
 
     SkipSimplifiedLayerNormalization   residual add + RMSNorm (SimplifiedLayerNormalization for layer 0)
-    MatMul | MatMulNBits               stacked q/k/v projection (+ Add when the model has biases)
+    MatMul | MatMulNBits | DynamicQuantizeMatMul    stacked q/k/v projection (+ Add for biases)
     GroupQueryAttention                RoPE on q and k (do_rotary, cos/sin tables), the new K/V written
                                        into the KV buffer, causal attention over each row's own length
-    GatherElements x 2                 the new tokens' K and V read back from the buffer
-    MatMul | MatMulNBits               o_proj
+    (same product kind)                o_proj
     SkipSimplifiedLayerNormalization   residual add + RMSNorm
-    MatMul | MatMulNBits, Split, Sigmoid, Mul, Mul, MatMul | MatMulNBits      SwiGLU MLP
+    (same), Split, Sigmoid, Mul, Mul, (same)          SwiGLU MLP
 
-Interface: the portable decoder's, unchanged (``inputs_embeds``, ``past_len`` int64,
-``past_key.{i}``/``past_value.{i}`` in; ``logits`` of the last position (B, V) and
-``present_key.{i}``/``present_value.{i}`` holding only the T new tokens out), plus one extra
-output per cache tensor, ``cache_key.{i}``/``cache_value.{i}``: GroupQueryAttention's present
-buffer, (B, KV, C, Dh). The model's metadata ``edgevl.kv_in_place`` maps each of them to its
-past input. ONNX Runtime's GQA works in place ("past_present_share_buffer") when present and
-past are the same memory, so the runner (runtimes/onnxruntime.py) binds each ``cache_*`` output
-to the memory of its ``past_*`` input with IOBinding: the step writes its K/V straight into the
-runtime's KVCache and attention reads only ``past_len + T`` positions per row. Run without that
-binding (a plain ``session.run``) the graph is still correct: ORT then copies the past into a
-fresh present buffer.
+Interface: the portable decoder's inputs (``inputs_embeds``, ``past_len`` int64,
+``past_key.{i}``/``past_value.{i}``); outputs ``logits`` of the last position (B, V) and, per
+cache tensor, ``cache_key.{i}``/``cache_value.{i}``: GroupQueryAttention's present buffer,
+(B, KV, C, Dh). The model's metadata ``edgevl.kv_in_place`` maps each of them to its past
+input. ONNX Runtime's GQA works in place ("past_present_share_buffer") when present and past
+are the same memory, so the runner (runtimes/onnxruntime.py) binds each ``cache_*`` output to
+the memory of its ``past_*`` input with IOBinding: the step writes its K/V straight into the
+runtime's KVCache and attention reads only ``past_len + T`` positions per row. The portable
+outputs ``present_key.{i}``/``present_value.{i}`` (the T new positions) are not in the graph:
+the runner reads them from the buffers GQA wrote (views), so callers see the portable
+interface. Run without the binding (a plain ``session.run``) the graph is still correct: ORT
+then copies the past into a fresh present buffer, and the new positions are read from that.
 
 Choices, each checked against ONNX Runtime 1.32 on small graphs (tests/test_lower_onnxruntime.py)
 and measured on the SmolVLM-256M-shaped decoder (benchmarks/results/decoder_lowered.md):
 
-- GQA's ``do_rotary`` rotates k *before* caching it, so the new tokens' present K is the rotated
-  one; it is read back from the buffer (GatherElements at ``past_len[b] + t``, one index tensor
-  shared by every layer) rather than computed again beside GQA (RoPE by hand is ~8 nodes a
-  layer). ORT runs every node whether its output is fetched or not, and the runner does not
-  fetch these (it reads the same values from the cache it bound): the 60 GatherElements of the
-  SmolVLM-shaped decoder cost ~0.15-0.2 ms of an ~8 ms INT4 step, kept so the graph has the
-  portable decoder's outputs for any other caller.
+- GQA's ``do_rotary`` rotates k *before* caching it, so the new tokens' K is the rotated one and
+  lives only in the buffer. Earlier versions gathered it back out per layer (GatherElements x 2
+  a layer, ~0.15-0.2 ms of an ~8 ms INT4 step, and ORT runs every node whether its output is
+  fetched or not); the runner already holds the buffers, so it takes the new positions from them.
 - In place, GQA's time does not depend on the buffer's capacity (~18 us per layer at position
   64, ~90 us at 512, with capacity 128 or 8192 alike); without the shared buffer it grows with it.
   But ORT's CPU kernel multiplies per *query* head (each KV head read n_heads/n_kv_heads times),
@@ -49,9 +46,11 @@ and measured on the SmolVLM-256M-shaped decoder (benchmarks/results/decoder_lowe
   own inverse frequencies, in float32 like the portable graph, so scaled RoPE carries over.
 - ``last_only``: the portable graph's logits are the last position's, (B, V); the lowered graph
   normalises every position (the fused op) and gathers position -1 before the LM head.
-- Weights are the portable graph's: float32 MatMul, or the MatMulNBits of a weight-only decoder
+- Weights are the portable graph's: float32 MatMul, the MatMulNBits of a weight-only decoder
   carried over byte for byte (``lower_decoder(bits=8|4)`` first quantizes the portable decoder
-  with weight_only.matmul_nbits, so both graphs of the bundle hold the same blocks).
+  with weight_only.matmul_nbits, so both graphs of the bundle hold the same blocks), or the int8
+  weights and per-column scales of a ``quantize_dynamic`` decoder as ``DynamicQuantizeMatMul``
+  (the node ORT's own fusion makes of that pattern; the composite ``int8`` recipe's candidate).
 - The SiLU is Sigmoid * x; ORT fuses it itself (QuickGelu with alpha 1).
 """
 
@@ -97,6 +96,12 @@ class _GraphBuilder:
     def linear(self, x: str, lin: Linear, name: str) -> str:
         if lin.weight is not None:
             (y,) = self.node("MatMul", [x, self.const(f"{name}.weight", lin.weight)])
+        elif lin.dynamic is not None:        # int8 weights, activations quantized per call (uint8, per tensor)
+            dyn = lin.dynamic
+            inputs = [x, self.const(f"{name}.weight", dyn["weight"]), self.const(f"{name}.scale", dyn["scale"])]
+            if dyn["zero_point"] is not None:
+                inputs.append(self.const(f"{name}.zero_point", dyn["zero_point"]))
+            (y,) = self.node("DynamicQuantizeMatMul", inputs, domain=MS)
         else:
             inputs = [x]
             for part, arr in zip(("weight", "scales", "zero_points", "g_idx"), lin.nbits["inputs"]):
@@ -140,13 +145,6 @@ def build_lowered(dec: PortableDecoder):
     (batch,) = b.node("Shape", ["past_len"])                                               # (1,) = B
     (t_per_row,) = b.node("Expand", [t, batch])
     (query_seqlens,) = b.node("Cast", [t_per_row], to=TensorProto.INT32)
-    (t_scalar,) = b.node("Squeeze", [t, i64("axis0", [0])])
-    (steps,) = b.node("Range", [i64("zero", 0), t_scalar, i64("step1", 1)])                # (T,)
-    (start,) = b.node("Unsqueeze", ["past_len", i64("axis1", [1])])                        # (B, 1)
-    (pos,) = b.node("Add", [start, steps])                                                 # (B, T)
-    (pos4,) = b.node("Unsqueeze", [pos, i64("axes13", [1, 3])])                            # (B, 1, T, 1)
-    (idx_shape,) = b.node("Concat", [batch, i64("kv", [kv]), t, i64("dh", [dh])], axis=0)
-    (new_idx,) = b.node("Expand", [pos4, idx_shape])                                       # (B, KV, T, Dh)
 
     split = i64("mlp_split", [dec.mlp_dim, dec.mlp_dim])
     eps = float(dec.rms_eps)
@@ -164,8 +162,6 @@ def build_lowered(dec: PortableDecoder):
                              "rope.sin", "", "", "", "", "", "", "", query_seqlens],
                             [f"/layers.{i}.attn", f"cache_key.{i}", f"cache_value.{i}"], domain=MS,
                             num_heads=dec.n_heads, kv_num_heads=kv, do_rotary=1, rotary_interleaved=0)
-        b.node("GatherElements", [f"cache_key.{i}", new_idx], [f"present_key.{i}"], axis=2)
-        b.node("GatherElements", [f"cache_value.{i}", new_idx], [f"present_value.{i}"], axis=2)
         o = b.linear(attn, layer.o, f"layers.{i}.o_proj")
         ln_post = b.const(f"layers.{i}.post_attention_layernorm.weight", layer.post_norm)
         h2, _, _, residual = b.node("SkipSimplifiedLayerNormalization", [o, residual, ln_post],
@@ -191,7 +187,6 @@ def build_lowered(dec: PortableDecoder):
     for i in range(n):
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", f32, cache))
-            outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", f32, ["batch", kv, "seq", dh]))
     for i in range(n):
         for kind in ("key", "value"):
             outputs.append(helper.make_tensor_value_info(f"cache_{kind}.{i}", f32, cache))
@@ -216,6 +211,9 @@ def op_counts(path: Path) -> dict[str, int]:
 def lower_onnx(src: Path, decoder_spec: dict, out: Path) -> dict:
     """Write the lowered form of the portable decoder ONNX ``src`` to ``out``; its weights are
     the portable graph's (float32, or its MatMulNBits carried over as they are)."""
+    from edgevl.models.decoder import require_llama_graph
+
+    require_llama_graph(decoder_spec, "ONNX Runtime decoder lowering")     # Qwen2/Gemma/OPT variants: portable
     dec = read_portable_decoder(src, decoder_spec)
     save_onnx(build_lowered(dec), out)
     ops = op_counts(out)

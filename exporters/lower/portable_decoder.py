@@ -9,8 +9,11 @@ MatMulNBitsQuantizer), its RMSNorm scale is the constant operand of a Mul under
 reader finds the weights by those scopes and checks every shape against the manifest's decoder
 spec; a graph it cannot account for raises ExportError rather than lowering to something else.
 
-Weights come as float32 (K, N) matrices, or as the packed inputs of a ``MatMulNBits`` node
-(weight-only int8/int4 bundles), carried over untouched.
+Weights come as float32 (K, N) matrices, as the packed inputs of a ``MatMulNBits`` node
+(weight-only int8/int4 bundles), or as the int8 matrix and per-column scales of a
+``MatMulInteger`` that ``onnxruntime.quantization.quantize_dynamic`` wrote (its nodes keep the
+scope: ``.../qkv_proj/MatMul_quant``, the scales in ``.../MatMul_quant_scales_mul``, the result
+out of ``.../MatMul_quant_output_scale_mul``), all carried over untouched.
 """
 
 from __future__ import annotations
@@ -25,23 +28,28 @@ from edgevl.errors import ExportError
 
 _LINEAR = re.compile(r"^/decoder/(?:layers\.(\d+)/(?:self_attn|mlp)/)?"
                      r"(qkv_proj|q_proj|k_proj|v_proj|o_proj|gate_up_proj|gate_proj|up_proj|down_proj|lm_head)"
-                     r"/MatMul(?:_Q\d+)?$")
+                     r"/MatMul(?:_Q\d+|_quant)?$")
 _NORM = re.compile(r"^/decoder/(?:layers\.(\d+)/)?(input_layernorm|post_attention_layernorm|norm)/")
 
 
 @dataclass
 class Linear:
-    """One weight product ``x @ W (+ bias)``: ``weight`` (K, N) float32, or ``nbits`` = the
-    attributes and packed inputs (B, scales, zero_points, g_idx) of a MatMulNBits node."""
+    """One weight product ``x @ W (+ bias)``: ``weight`` (K, N) float32, ``nbits`` = the
+    attributes and packed inputs (B, scales, zero_points, g_idx) of a MatMulNBits node, or
+    ``dynamic`` = {"weight": int8 (K, N), "scale": (N,) or (), "zero_point": like scale} of a
+    dynamically quantized product (activations quantized per call)."""
     k: int
     n: int
     weight: np.ndarray | None = None
     nbits: dict | None = None
     bias: np.ndarray | None = None
+    dynamic: dict | None = None
 
     @property
     def kind(self) -> str:
-        return "float" if self.weight is not None else f"MatMulNBits{self.nbits['attrs']['bits']}"
+        if self.weight is not None:
+            return "float"
+        return "DynamicQuantizeMatMul8" if self.dynamic is not None else f"MatMulNBits{self.nbits['attrs']['bits']}"
 
 
 @dataclass
@@ -92,6 +100,7 @@ class _Graph:
                 # the exporter stores equal tensors once (e.g. RMSNorm scales all 1) behind Identity nodes
                 self.const[node.output[0]] = self.const[node.input[0]]
         self._np = numpy_helper.to_array
+        self.by_name = {node.name: node for node in self.nodes}
         self.consumers: dict[str, list] = {}
         for node in self.nodes:
             for name in node.input:
@@ -116,6 +125,8 @@ def _linear(g: _Graph, node, scope: str) -> Linear:
                               "MatMulNBits (weight-only) decoders, not Q/DQ or FP16 ones: lower the FP32 bundle")
         lin = Linear(int(w.shape[0]), int(w.shape[1]), weight=w)
         out = node.output[0]
+    elif node.op_type == "MatMulInteger":
+        lin, out = _dynamic_linear(g, node)
     else:
         attrs = {a.name: a.i for a in node.attribute}
         inputs = [g.array(name) if name else None for name in node.input[1:]]
@@ -132,10 +143,31 @@ def _linear(g: _Graph, node, scope: str) -> Linear:
     return lin
 
 
+def _dynamic_linear(g: _Graph, node) -> tuple[Linear, str]:
+    """quantize_dynamic's ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(x_scale * w_scale)``:
+    the int8 weight, its zero point and its scale (the constant operand of ``<name>_scales_mul``);
+    -> (Linear, the name of the product's float output)."""
+    w, zp = g.array(node.input[1]), g.array(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    scales = [n for n in [g.by_name.get(node.name + "_scales_mul")] if n is not None and n.op_type == "Mul"]
+    cast = g.consumers.get(node.output[0], [])
+    final = g.consumers.get(cast[0].output[0], []) if len(cast) == 1 and cast[0].op_type == "Cast" else []
+    scale = g.constant_operand(scales[0]) if scales else None
+    if w is None or w.ndim != 2 or w.dtype != np.int8 or scale is None or len(final) != 1 or \
+            final[0].op_type != "Mul" or (zp is not None and np.any(zp != 0)):
+        raise ExportError(f"{node.name}: not the symmetric int8 MatMulInteger pattern that quantize_dynamic writes "
+                          "(int8 constant weight, zero points 0, a constant weight scale); lower the FP32 bundle")
+    n = int(w.shape[1])
+    if scale.size not in (1, n):
+        raise ExportError(f"{node.name}: weight scale of {scale.size} values for {n} columns")
+    dyn = {"weight": w, "scale": scale.astype(np.float32).reshape(-1 if scale.size > 1 else ()),
+           "zero_point": None if zp is None else zp.reshape(-1 if zp.size > 1 else ())}
+    return Linear(int(w.shape[0]), n, dynamic=dyn), final[0].output[0]
+
+
 def _stack(parts: list[Linear], what: str) -> Linear:
     """q/k/v (or gate/up) exported as separate products: one Linear with them side by side."""
     if any(p.weight is None for p in parts):
-        raise ExportError(f"{what}: separate MatMulNBits projections cannot be stacked; lower the FP32 bundle")
+        raise ExportError(f"{what}: separate quantized projections cannot be stacked; lower the FP32 bundle")
     weight = np.concatenate([p.weight for p in parts], axis=1)
     bias = None if parts[0].bias is None else np.concatenate([p.bias for p in parts])
     return Linear(parts[0].k, int(weight.shape[1]), weight=weight, bias=bias)
@@ -160,7 +192,7 @@ def read_portable_decoder(path: str | Path, decoder_spec: dict) -> PortableDecod
             raise ExportError(f"{path}: the decoder holds Q/DQ nodes ({node.name}); lowering reads FP32 or "
                               "weight-only (MatMulNBits) decoders: lower the FP32 bundle")
         m = _LINEAR.match(node.name)
-        if m and node.op_type in ("MatMul", "MatMulNBits"):
+        if m and node.op_type in ("MatMul", "MatMulNBits", "MatMulInteger"):
             key = (int(m.group(1)) if m.group(1) else None, m.group(2))
             linears[key] = _linear(g, node, node.name.rsplit("/", 1)[0])
             continue

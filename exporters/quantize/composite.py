@@ -14,9 +14,9 @@ on held-out inputs, and the fastest that keeps the accuracy gate is written:
 |         | int8 or uint8 weights), static Q/DQ (MinMax)     | weight compression                         |
 | embed   | fp32, INT8 table (dynamic Gather quantization)   | fp32                                       |
 | decoder | weight-only MatMulNBits (8 or 4 bits, integer    | NNCF INT8_SYM / INT4_SYM weights           |
-|         | compute: accuracy_level 4), int8: FP32 and       | (int8: FP32 IR too)                        |
-|         | dynamic INT8 too; each MatMul(NBits) graph also  |                                            |
-|         | lowered to ORT's fused operators                 |                                            |
+|         | compute: accuracy_level 4; 4 bits in blocks of   | (int8: FP32 IR too)                        |
+|         | 128 and 32), int8: FP32 and dynamic INT8 too;    |                                            |
+|         | each graph also lowered to ORT's fused operators |                                            |
 
 Decoders are ranked by what an answer costs: a prefill of the image block and a prompt plus
 ``answer_tokens`` (32) decode steps.
@@ -41,6 +41,7 @@ import numpy as np
 from edgevl.errors import AccuracyBudgetExceeded, ConfigError, QuantizationError
 
 OPENVINO_DIR = "openvino"
+SMALL_BLOCK = 32                          # the second 4-bit block size timed on ONNX Runtime
 VISION_CANDIDATES = {
     "onnxruntime": ("fp32", "dynamic-int8", "dynamic-int8-per-channel", "dynamic-uint8", "static-qdq"),
     "openvino": ("fp32", "nncf-int8", "nncf-int8-weights"),
@@ -257,6 +258,17 @@ def _decoder(src, writer, target: str, work: Path, recipe: CompositeRecipe, held
     method = f"weight-only INT{wo.bits} MatMulNBits (blocks of {wo.block_size}, accuracy_level {wo.accuracy_level})"
     info = {"onnxruntime": ort_info}
     cands = [Candidate("weight-only", work / "decoder-wo.onnx", f"int{wo.bits}", method, time.perf_counter() - t)]
+    recipes = {"weight-only": wo}
+    if target == "onnxruntime" and wo.bits == 4 and recipe.block_size is None and wo.block_size != SMALL_BLOCK:
+        # the block size is measured too: with ORT 1.32 on an AVX2 EPYC, 4-bit blocks of 32 ran a
+        # 576x1536 product 1.33x faster than blocks of 128 at batch 1; edgevl 0.1.0's run on an
+        # older ORT had found the opposite (recipes.default_block_size)
+        small = recipes["weight-only-b32"] = WeightOnlyRecipe(bits=4, block_size=SMALL_BLOCK, backends=backends)
+        t = time.perf_counter()
+        info["onnxruntime-b32"] = matmul_nbits(fp32_onnx, work / "decoder-wo-b32.onnx", small)
+        cands.append(Candidate("weight-only-b32", work / "decoder-wo-b32.onnx", "int4",
+                               f"weight-only INT4 MatMulNBits (blocks of {SMALL_BLOCK}, accuracy_level "
+                               f"{small.accuracy_level})", time.perf_counter() - t))
     if target == "openvino":
         t = time.perf_counter()
         info["openvino"] = nncf_compress_openvino(fp32_onnx, work / "decoder-wo.xml", wo)
@@ -269,7 +281,13 @@ def _decoder(src, writer, target: str, work: Path, recipe: CompositeRecipe, held
             fp32 = _built("fp32", "fp32", "FP32 IR (f32 inference hint)", lambda p: _save_ir(fp32_onnx, p),
                           work / "decoder-fp32.xml")
         cands.append(fp32)
-    if target == "onnxruntime":          # the same weights lowered to ORT's fused operators (exporters/lower)
+    if target == "onnxruntime":   # the one-line peer's recipe is a candidate like any other (int4: for prefill)
+        cands.append(_built("dynamic-int8", "int8", "onnxruntime quantize_dynamic (QInt8 weights, per channel, "
+                            "activations quantized per call)",
+                            lambda p: _dynamic(fp32_onnx, p, "QInt8", per_channel=True), work / "decoder-dyn.onnx"))
+    # the same weights lowered to ORT's fused operators (exporters/lower), which reads Llama-shaped decoders only:
+    # a decoder with variant fields (Qwen2 bias, Gemma norms, OPT...) keeps its portable candidates
+    if target == "onnxruntime" and not src.manifest["decoder"].get("variants"):
         from edgevl.exporters.lower.onnxruntime_decoder import lower_onnx
 
         lowered = info["lowered"] = {}
@@ -280,10 +298,6 @@ def _decoder(src, writer, target: str, work: Path, recipe: CompositeRecipe, held
             cands.append(Candidate(f"{c.name}-lowered", path, c.precision, f"{c.method}, lowered: GroupQueryAttention"
                                    " over the KV cache in place, SkipSimplifiedLayerNormalization",
                                    time.perf_counter() - t + c.build_s, portable=c.path))
-    if wo.bits == 8 and target == "onnxruntime":    # the one-line peer's recipe is a candidate like any other
-        cands.append(_built("dynamic-int8", "int8", "onnxruntime quantize_dynamic (QInt8 weights, per channel, "
-                            "activations quantized per call)",
-                            lambda p: _dynamic(fp32_onnx, p, "QInt8", per_channel=True), work / "decoder-dyn.onnx"))
     steps = [f for f in held if f["inputs_embeds"].shape[1] == 1] or held
     steps = sorted(steps, key=lambda f: -int(f["past_len"].max()))[:4]       # the longest caches first
     prefill = max(held, key=lambda f: f["inputs_embeds"].shape[1])           # the image block + a prompt
@@ -291,11 +305,15 @@ def _decoder(src, writer, target: str, work: Path, recipe: CompositeRecipe, held
         f"{recipe.answer_tokens} decode steps (at position {int(steps[0]['past_len'].max())})")
     answer_cost(cands, target, steps, prefill, recipe, src, threads, log)
     gate = recipe.min_cosine if wo.bits == 8 else recipe.int4_min_cosine
-    order = ranked(cands, gate)
+    prefill_only = {"dynamic-int8", "dynamic-int8-lowered"} if wo.bits == 4 else set()
+    order = ranked([c for c in cands if c.name not in prefill_only], gate)
     if not order:
         raise QuantizationError(f"no decoder candidate kept logits cosine >= {gate} vs FP32 ("
                                 + ", ".join(f"{c.name} {c.cosine:.4f}" for c in cands) + "); try int8 or int4-wo")
     chosen = order[0]
+    prefill_graph = _int8_prefill(cands, chosen, recipe, log) if prefill_only else None
+    if prefill_graph is not None:
+        cands.append(prefill_graph[1])
     spec = writer.manifest["parts"]["decoder"]
     if target == "openvino":
         ir = f"{OPENVINO_DIR}/decoder.xml"
@@ -321,8 +339,45 @@ def _decoder(src, writer, target: str, work: Path, recipe: CompositeRecipe, held
                                            "tool": "edgevl.exporters.lower.onnxruntime_decoder"}}
     spec["precision"], spec["method"] = chosen.precision, chosen.method
     log(f"  decoder: {chosen.name} ({chosen.method})")
-    return {"precision": chosen.precision, "method": chosen.method, "recipe": wo.to_dict(), "tools": info,
+    wo = recipes.get(chosen.name.removesuffix("-lowered"), wo)
+    if prefill_graph is not None:
+        pre, hybrid = prefill_graph
+        writer.copy_in(pre.path, PREFILL_FILE)
+        spec["prefill"] = {"onnxruntime": PREFILL_FILE}
+        spec["prefill_method"] = pre.method
+        spec["method"] = chosen.method + "; prompts prefilled by the int8 graph (" + PREFILL_FILE + ")"
+        log(f"  decoder prefill: {pre.name} -> {PREFILL_FILE} ({hybrid.timing['median_ms']:.1f} vs "
+            f"{chosen.timing['median_ms']:.1f} ms per answer)")
+        chosen = hybrid
+    return {"precision": chosen.precision, "method": spec["method"], "recipe": wo.to_dict(), "tools": info,
             "selection": selection_record("decoder", target, cands, chosen, gate)}
+
+
+PREFILL_FILE = "onnxruntime/decoder_prefill.onnx"
+PREFILL_GAIN = 0.05       # a second copy of the weights (int8, ~1 byte a parameter) must save 5% of an answer
+
+
+def _int8_prefill(cands: list[Candidate], chosen: Candidate, recipe: CompositeRecipe, log):
+    """int4 on ONNX Runtime: ORT 1.32's 4-bit MatMulNBits runs prompts (M > 1) slower than FP32 on
+    an AVX2 CPU while DynamicQuantizeMatMul runs them ~1.6x faster than FP32 (576x1536, 220 rows:
+    3.2-3.4 vs 2.7 vs 1.7 ms), so a lowered dynamic-INT8 graph may prefill what the 4-bit graph
+    decodes; both write the same KV cache. Kept when it keeps the int8 gate and saves at least
+    PREFILL_GAIN of a whole answer (it costs a second, int8, copy of the decoder in memory);
+    -> (prefill candidate, the combined candidate) or None."""
+    pre = next((c for c in cands if c.name == "dynamic-int8-lowered"), None)
+    if pre is None or not chosen.name.endswith("-lowered") or pre.cosine is None or pre.cosine < recipe.min_cosine:
+        return None
+    cost = pre.timing["prefill_ms"] + recipe.answer_tokens * chosen.timing["step_ms"]
+    saved = 1 - cost / chosen.timing["median_ms"]
+    log(f"    {chosen.name} with {pre.name} prefill: {cost:.1f} ms per answer ({saved:+.1%}; kept at >= "
+        f"{PREFILL_GAIN:.0%})")
+    if saved < PREFILL_GAIN:
+        return None
+    hybrid = Candidate(f"{chosen.name}+int8-prefill", chosen.path, chosen.precision,
+                       f"{chosen.method}; prefill: {pre.method}", chosen.build_s + pre.build_s,
+                       timing={**chosen.timing, "median_ms": round(cost, 2), "prefill_ms": pre.timing["prefill_ms"]},
+                       cosine=min(chosen.cosine, pre.cosine), portable=chosen.portable)
+    return pre, hybrid
 
 
 def answer_cost(cands: list[Candidate], target: str, steps: list[dict], prefill: dict, recipe: CompositeRecipe,

@@ -21,7 +21,7 @@ def part_files(bundle: Bundle, part: str) -> set[str]:
     """The files of one part: its ONNX, its external data, its compiled artefacts (and their .bin)."""
     spec = bundle.parts[part]
     rels = {spec["onnx"]}
-    for rel in spec.get("artifacts", {}).values():
+    for rel in [*spec.get("artifacts", {}).values(), *spec.get("prefill", {}).values()]:
         rels.add(rel)
         if rel.endswith(".xml"):
             rels.add(rel[:-4] + ".bin")
@@ -60,6 +60,8 @@ def derived_writer(src: Bundle, out: str | Path, replace: Iterable[str], force: 
         for part in replace:
             manifest["parts"][part].pop("artifacts", None)
             manifest["parts"][part].pop("lowered", None)          # described the artefacts just dropped
+            manifest["parts"][part].pop("prefill", None)
+            manifest["parts"][part].pop("prefill_method", None)
         manifest["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         manifest.setdefault("provenance", {})["derived_from"] = {
             "bundle": str(src.path), "precision": src.precision, "created": src.manifest.get("created")}

@@ -1,0 +1,236 @@
+"""Load and soak runs of ``edgevl serve`` on edgevl-tiny, against the in-process scheduler.
+
+    python -m edgevl.benchmarks.serve_load --clients 16 --duration 60             # the committed load run
+    python -m edgevl.benchmarks.serve_load --soak --clients 16 --duration 600     # the committed soak run
+    python -m edgevl.benchmarks.serve_load --duration 10 --out-dir /tmp/serve     # a quick check
+
+Load: ``--clients`` threads each ask for streamed answers back to back for ``--duration`` s,
+first through ``edgevl.load(..., batching=True)`` in this process (``VLM.stream``), then over
+HTTP against an ``edgevl serve`` subprocess (raw http.client reading server-sent events, so the
+load generator stays light). Reported per phase: tokens/s, requests/s, p50/p99 time to first
+token and latency, responses by status. Pass: HTTP throughput >= 90% of in-process, and every
+response a 2xx (or, in the soak, a documented error: 400, 429, 504, or a client's own disconnect).
+
+Soak (``--soak``): the same clients pick at random (seeded) among streamed answers, plain
+answers, streams they abandon after the first token (disconnects), undecodable images and
+over-long prompts (400s). The server's RSS is sampled every second; pass: the highest RSS in the
+last third minus the highest in the first third after warm-up stays within ``--rss-bound-mb``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from edgevl.benchmarks.batching import atomic_write, find_bundle
+
+PROMPT = "describe the image."
+
+
+def scene_urls(n: int = 8) -> tuple[list, list[str]]:
+    from PIL import Image
+
+    from edgevl.data.world import make_scene
+
+    images = [make_scene("test", i).image() for i in range(n)]
+    urls = []
+    for im in images:
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, "PNG")
+        urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+    return images, urls
+
+
+def pct(values, q):
+    return round(float(np.percentile(values, q)) * 1e3, 2) if values else None
+
+
+def summarize(name: str, seconds: float, ttft: list, latency: list, tokens: int, statuses: Counter) -> dict:
+    return {"phase": name, "seconds": round(seconds, 2), "requests": sum(statuses.values()),
+            "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
+            "requests_per_s": round(sum(statuses.values()) / seconds, 2),
+            "ttft_ms": {"p50": pct(ttft, 50), "p99": pct(ttft, 99)},
+            "latency_ms": {"p50": pct(latency, 50), "p99": pct(latency, 99)},
+            "statuses": dict(statuses)}
+
+
+def run_clients(clients: int, duration: float, one) -> tuple[float, list, list, int, Counter]:
+    """``one(rng) -> (status, ttft_s|None, latency_s, tokens)`` from each client until the time is up."""
+    lock, ttft, latency, statuses = threading.Lock(), [], [], Counter()
+    tokens = [0]
+    stop_at = time.monotonic() + duration
+
+    def client(i: int):
+        rng = random.Random(i)
+        while time.monotonic() < stop_at:
+            status, first, total, n = one(rng)
+            with lock:
+                statuses[status] += 1
+                tokens[0] += n
+                if status == "200" and first is not None:
+                    ttft.append(first)
+                    latency.append(total)
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.monotonic() - start, ttft, latency, tokens[0], statuses
+
+
+def in_process(bundle: Path, clients: int, duration: float, max_tokens: int, images) -> dict:
+    import edgevl
+
+    with edgevl.load(bundle, batching=True, max_batch_size=clients, max_queue_size=4 * clients, verbose=False) as vlm:
+        def one(rng):
+            t0, first, n = time.monotonic(), None, 0
+            for _ in vlm.stream(rng.choice(images), PROMPT, channels="rgb", max_new_tokens=max_tokens):
+                first = first or time.monotonic() - t0
+                n += 1
+            return "200", first, time.monotonic() - t0, n     # pieces = tokens for this tokenizer
+
+        return summarize("in-process scheduler", *run_clients(clients, duration, one))
+
+
+def http_stream(port: int, body: dict, abandon: bool = False) -> tuple[str, float | None, float, int]:
+    t0, first, n = time.monotonic(), None, 0
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        if r.status != 200:
+            r.read()
+            return str(r.status), None, time.monotonic() - t0, 0
+        if not body.get("stream"):
+            usage = json.loads(r.read())["usage"]["completion_tokens"]
+            return "200", None, time.monotonic() - t0, usage
+        while line := r.readline():
+            if not line.startswith(b"data: {"):
+                if line.startswith(b"data: [DONE]"):
+                    break
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                return f"stream-error:{chunk['error']['code']}", first, time.monotonic() - t0, n
+            if chunk.get("usage"):
+                n = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first = first or time.monotonic() - t0
+                if abandon:
+                    return "disconnect", first, time.monotonic() - t0, 0
+        return "200", first, time.monotonic() - t0, n
+    except OSError as e:
+        return f"oserror:{type(e).__name__}", None, time.monotonic() - t0, 0
+    finally:
+        conn.close()
+
+
+def start_server(bundle: Path, clients: int, extra: list[str]) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen([sys.executable, "-m", "edgevl.cli.main", "serve", str(bundle), "--port", "0",
+                             "--max-batch", str(clients), "--max-queue", str(4 * clients), "--log-level", "warning",
+                             *extra], stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "listening on" in line:
+            threading.Thread(target=proc.stderr.read, daemon=True).start()   # keep draining its log
+            return proc, int(line.rsplit(":", 1)[1])
+    raise RuntimeError("edgevl serve did not start")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundle", default=None, help="bundle (default: export edgevl-tiny to a temp dir)")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--duration", type=float, default=60.0)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--soak", action="store_true", help="mixed workload, server RSS tracked (no in-process phase)")
+    p.add_argument("--warmup", type=float, default=None, help="soak: seconds before RSS counts (default 10%%)")
+    p.add_argument("--rss-bound-mb", type=float, default=48.0)
+    p.add_argument("--out-dir", default="benchmarks/results/serve")
+    args = p.parse_args(argv)
+    import psutil
+
+    from edgevl.benchmarks.machine import machine_info
+
+    work = Path(tempfile.mkdtemp(prefix="edgevl-serve-bench-"))
+    bundle = find_bundle(args.bundle, work)
+    images, urls = scene_urls()
+    doc = {"benchmark": "serve_soak" if args.soak else "serve_load", "clients": args.clients,
+           "duration_s": args.duration, "max_tokens": args.max_tokens, "machine": machine_info(), "phases": []}
+    if not args.soak:
+        doc["phases"].append(in_process(bundle, args.clients, args.duration, args.max_tokens, images))
+    proc, port = start_server(bundle, args.clients, [])
+    rss, stop = [], threading.Event()
+
+    def sample():
+        server = psutil.Process(proc.pid)
+        while not stop.wait(1.0):
+            rss.append((time.monotonic(), server.memory_info().rss / 2**20))
+
+    threading.Thread(target=sample, daemon=True).start()
+    started = time.monotonic()
+
+    def one(rng):
+        body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": rng.choice(urls)}},
+                                                          {"type": "text", "text": PROMPT}]}],
+                "stream": True, "stream_options": {"include_usage": True}, "max_tokens": args.max_tokens}
+        if not args.soak:
+            return http_stream(port, body)
+        kind = rng.choice(["stream", "stream", "plain", "disconnect", "bad_image", "too_long"])
+        if kind == "plain":
+            body["stream"] = False
+            body.pop("stream_options")
+        elif kind == "bad_image":
+            body["messages"][0]["content"][0]["image_url"]["url"] = "data:image/png;base64,aGVsbG8="
+        elif kind == "too_long":
+            body["messages"][0]["content"][1]["text"] = "count " * 600
+        return http_stream(port, body, abandon=kind == "disconnect")
+
+    phase = summarize("edgevl serve (HTTP, streaming)" if not args.soak else "edgevl serve soak (mixed)",
+                      *run_clients(args.clients, args.duration, one))
+    stop.set()
+    proc.terminate()
+    doc["server_exit_code"] = proc.wait(60)
+    doc["phases"].append(phase)
+    documented = {"200", "400", "429", "504", "disconnect"}
+    doc["undocumented_responses"] = {k: v for k, v in phase["statuses"].items() if k not in documented}
+    checks = {"every response 2xx or a documented error": not doc["undocumented_responses"],
+              "server exited cleanly on SIGTERM": doc["server_exit_code"] == 0}
+    if args.soak:
+        warm = started + (args.warmup if args.warmup is not None else 0.1 * args.duration)
+        after = [(t, m) for t, m in rss if t >= warm]
+        third = max(1, len(after) // 3)
+        growth = max(m for _, m in after[-third:]) - max(m for _, m in after[:third]) if after else None
+        doc["rss_mb"] = {"samples": len(rss), "first_third_max": after and max(m for _, m in after[:third]),
+                         "last_third_max": after and max(m for _, m in after[-third:]), "growth": growth}
+        checks[f"RSS growth after warm-up <= {args.rss_bound_mb} MB"] = growth is not None and growth <= args.rss_bound_mb
+    else:
+        base = doc["phases"][0]["tokens_per_s"]
+        doc["throughput_ratio"] = round(phase["tokens_per_s"] / base, 3) if base else None
+        checks["HTTP throughput >= 90% of in-process"] = (doc["throughput_ratio"] or 0) >= 0.9
+    doc["checks"] = checks
+    out = Path(args.out_dir) / f"{doc['benchmark']}.json"
+    atomic_write(out, json.dumps(doc, indent=2))
+    print(json.dumps({k: doc[k] for k in ("phases", "checks")} | ({"rss_mb": doc["rss_mb"]} if args.soak else
+                                                                  {"ratio": doc["throughput_ratio"]}), indent=1))
+    print(f"wrote {out}", file=sys.stderr)
+    return 0 if all(checks.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
