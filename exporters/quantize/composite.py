@@ -281,13 +281,16 @@ def _decoder(src, writer, target: str, work: Path, recipe: CompositeRecipe, held
             fp32 = _built("fp32", "fp32", "FP32 IR (f32 inference hint)", lambda p: _save_ir(fp32_onnx, p),
                           work / "decoder-fp32.xml")
         cands.append(fp32)
-    if target == "onnxruntime":   # the one-line peer's recipe is a candidate like any other (int4: for prefill)
+    # ORT's fused operators (exporters/lower) read Llama-shaped decoders only: a decoder with variant fields
+    # (Qwen2 bias, Gemma norms, OPT...) keeps its portable candidates
+    lowerable = target == "onnxruntime" and not src.manifest["decoder"].get("variants")
+    # the one-line peer's recipe is a candidate like any other; for int4 it can only serve as the (lowered)
+    # prefill graph, so it is built there only when it can be lowered
+    if target == "onnxruntime" and (wo.bits == 8 or lowerable):
         cands.append(_built("dynamic-int8", "int8", "onnxruntime quantize_dynamic (QInt8 weights, per channel, "
                             "activations quantized per call)",
                             lambda p: _dynamic(fp32_onnx, p, "QInt8", per_channel=True), work / "decoder-dyn.onnx"))
-    # the same weights lowered to ORT's fused operators (exporters/lower), which reads Llama-shaped decoders only:
-    # a decoder with variant fields (Qwen2 bias, Gemma norms, OPT...) keeps its portable candidates
-    if target == "onnxruntime" and not src.manifest["decoder"].get("variants"):
+    if lowerable:                        # the same weights lowered
         from edgevl.exporters.lower.onnxruntime_decoder import lower_onnx
 
         lowered = info["lowered"] = {}
