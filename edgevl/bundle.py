@@ -101,6 +101,13 @@ class Bundle:
         rel = self.parts.get(part, {}).get("prefill", {}).get(backend) if backend else None
         return self.file(rel, f"parts.{part}.prefill.{backend}") if rel else None
 
+    def kv_dtype(self, backend: str | None) -> str:
+        """The KV cache's element type for ``backend``: ``parts.decoder.kv_cache[backend]`` (int8
+        for an ONNX Runtime-lowered decoder with a quantized cache; it covers the decoder's
+        artefact and its prefill graph, which share the cache), else the decoder's ``kv_dtype``."""
+        per_backend = self.parts.get("decoder", {}).get("kv_cache", {})
+        return per_backend.get(backend) or self.manifest.get("decoder", {}).get("kv_dtype", "float32")
+
     def report(self, name: str) -> dict | None:
         rel = self.manifest.get("reports", {}).get(name)
         if not rel:

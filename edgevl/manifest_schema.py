@@ -161,8 +161,9 @@ PATH = Str(MAX_PATH)
 DIM = OneOf(Int(0, 1 << 31), Str(MAX_NAME))
 TENSOR = Obj({"name": req(Str(MAX_NAME)), "dtype": req(Str(64)), "shape": req(List(DIM, 8))})
 PART = Obj({"onnx": req(PATH), "inputs": opt(List(TENSOR, 4096)), "outputs": opt(List(TENSOR, 4096)),
-            "artifacts": opt(Obj(extra=PATH, max_keys=16)), "prefill": opt(Obj(extra=PATH, max_keys=16)), "precision": opt(Str()), "method": opt(Str(4096)),
-            "prefill": opt(Obj(extra=PATH, max_keys=16)), "prefill_method": opt(Str(4096))})
+            "artifacts": opt(Obj(extra=PATH, max_keys=16)), "precision": opt(Str()), "method": opt(Str(4096)),
+            "prefill": opt(Obj(extra=PATH, max_keys=16)), "prefill_method": opt(Str(4096)),
+            "kv_cache": opt(Obj(extra=Str(16, choices={"float32", "float16", "int8"}), max_keys=16))})
 SIZE = Int(1, MAX_IMAGE_SIDE)
 
 MANIFEST_SCHEMA = Obj({

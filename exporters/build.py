@@ -106,9 +106,11 @@ def finish(staged: Bundle, out: Path, target: str, precision: str, force: bool, 
 def build_bundle(model, target: str, precision: str, out, calib=None, force: bool = False, method: str = "percentile",
                  samples: int = 64, budget: float = 1.0, accept_loss: bool = False, eval_scenes: int = 200,
                  block_size: int | None = None, activations: str | None = None, threads: int | None = None, log=print,
-                 progress: bool = True, compile_options: dict | None = None) -> Bundle:
+                 progress: bool = True, compile_options: dict | None = None, kv_cache: str = "auto") -> Bundle:
     """Export ``model``, quantize to ``precision``, compile for ``target``; -> the bundle at ``out``.
-    ``activations`` (int8): "uint8" for --target onnxruntime (x86 kernels), else "int8"."""
+    ``activations`` (int8): "uint8" for --target onnxruntime (x86 kernels), else "int8". ``kv_cache``
+    (int8 / int4 on ONNX Runtime): the lowered decoder's cache, "auto" (int8 when measured faster
+    within the accuracy gate), "int8" or "float32"."""
     from edgevl.exporters.export_cache import cached_export
 
     out = Path(out)
@@ -137,7 +139,7 @@ def build_bundle(model, target: str, precision: str, out, calib=None, force: boo
         advance("exported")
         activations = activations or ("uint8" if target == "onnxruntime" else "int8")
         current = _quantize_stage(current, stage_dir, target, precision, calib, method, samples, budget, accept_loss,
-                                  eval_scenes, block_size, activations, threads, log)
+                                  eval_scenes, block_size, activations, threads, log, kv_cache)
         if current is not None and "quantize" in stages:
             advance("quantized")
         if target == "tensorrt":
@@ -159,13 +161,13 @@ def build_bundle(model, target: str, precision: str, out, calib=None, force: boo
 
 
 def _quantize_stage(fp32: Bundle, stage_dir: Path, target, precision, calib, method, samples, budget, accept_loss,
-                    eval_scenes, block_size, activations, threads, log) -> Bundle:
+                    eval_scenes, block_size, activations, threads, log, kv_cache="auto") -> Bundle:
     if precision in ("fp32", "fp16"):
         return fp32
     if precision in COMPOSITE and target != "tensorrt":
         from edgevl.exporters.quantize.composite import CompositeRecipe, composite_bundle
 
-        recipe = CompositeRecipe(decoder_bits=8 if precision == "int8" else 4, block_size=block_size)
+        recipe = CompositeRecipe(decoder_bits=8 if precision == "int8" else 4, block_size=block_size, kv_cache=kv_cache)
         return composite_bundle(fp32, stage_dir / precision, target, recipe, calib=calib or "world",
                                 budget_points=budget, accept_loss=accept_loss, eval_scenes=eval_scenes,
                                 threads=threads, log=log)

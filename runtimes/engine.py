@@ -90,7 +90,7 @@ class Engine:
         self.tokenizer = load_tokenizer(bundle)
         self.image_token_id = int(self.prompt_spec["image_token_id"])
         self.eos_ids = tuple(int(i) for i in self.tok_spec.get("eos_token_ids", []))
-        self.kv_dtype = np.dtype(self.dec.get("kv_dtype", "float32"))
+        self.kv_dtype = np.dtype(bundle.kv_dtype(backend))
 
     # -- parts -------------------------------------------------------------------------------
     def activate(self) -> "Engine":

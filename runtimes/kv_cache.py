@@ -10,6 +10,10 @@ Slots are handed out by the scheduler for in-flight batching; active slots are k
 the front (``move`` copies one finished slot's neighbour down), so a batch of ``n`` active
 sequences is the view ``[:n]`` of every array, with no gather.
 
+The arrays are float32, or int8 when the decoder graph keeps a quantized cache (the
+ONNX Runtime-lowered decoder with ``parts.decoder.kv_cache.onnxruntime`` = int8: the graph
+quantizes and dequantizes, the cache only stores; exporters/lower/kv_int8.py).
+
 A runner may write a step's keys/values into the fed arrays itself (ONNX Runtime's lowered
 decoder: GroupQueryAttention works in the cache's memory). It then returns ``WrittenInPlace``
 outputs naming the array it wrote, and ``write`` only advances the lengths.
@@ -85,6 +89,10 @@ class KVCache:
         if isinstance(outputs, WrittenInPlace) and outputs.target is self.keys[0]:
             self.length[rows] += t if n_valid is None else n_valid
             return
+        if self.dtype.kind == "i" and outputs["present_key.0"].dtype != self.dtype:
+            raise InputError(f"this KV cache is {self.dtype} (quantized by the decoder graph that writes it) but the "
+                             f"step returned {outputs['present_key.0'].dtype} keys: an int8 cache works only with the "
+                             "graph it was made for (Engine.new_cache picks the cache type from the bundle)")
         first = rows.start or 0
         same = bool((start == start[0]).all()) if len(start) else True
         for i in range(self.n_layers):

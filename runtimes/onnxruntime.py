@@ -122,8 +122,8 @@ class InPlaceBinding:
     keys/values (``present_*``, which the lowered graph does not compute) are read from the
     buffers GQA wrote, as views when every row is at the same position (copies otherwise), and
     returned as ``WrittenInPlace`` so KVCache.write does not store them a second time. A cache
-    input that is not a writeable, C-contiguous float32 array of its own is copied first
-    (correct, not in place). The per-call Python work is kept to one ``__array_interface__``
+    input that is not a writeable, C-contiguous array of its own is copied first (correct, not
+    in place); its element type must be the graph's (float32, or int8 for an int8 KV cache). The per-call Python work is kept to one ``__array_interface__``
     look per cache array (~0.1 ms for 60 of them): at ~5 ms an INT4 step, it shows."""
 
     def __init__(self, session, pairs: dict[str, str], outputs: list[str]):
@@ -140,6 +140,9 @@ class InPlaceBinding:
                 dims = o.shape[1:]
                 static = o.type == "tensor(float)" and o.shape and all(isinstance(d, int) for d in dims)
                 self.fetched[o.name] = tuple(dims) if static else None
+        # the cache's element type: float32, or int8 for a graph with an int8 KV cache (exporters/lower/kv_int8.py)
+        self.cache_type = {i.name: "|i1" if i.type == "tensor(int8)" else "<f4"
+                           for i in session.get_inputs() if i.name in self.aliases}
         self.io = session.io_binding()
         for name in self.fetched:              # first, so they come first in get_outputs()
             self.io.bind_output(name, "cpu")
@@ -163,10 +166,15 @@ class InPlaceBinding:
                     io.bind_input(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
                     continue
                 ai = arr.__array_interface__ if type(arr) is np.ndarray else None
-                # C-contiguous (strides None), writeable, float32, not fed twice: bind its own memory
-                if ai is None or ai["strides"] is not None or ai["data"][1] or ai["typestr"] != "<f4" \
+                want = self.cache_type[name]
+                # C-contiguous (strides None), writeable, of the cache's type, not fed twice: bind its own memory
+                if ai is None or ai["strides"] is not None or ai["data"][1] or ai["typestr"] != want \
                         or ai["data"][0] in seen:
-                    arr, copied = np.array(arr, dtype=np.float32, order="C"), True
+                    if np.dtype(want) != np.asarray(arr).dtype:
+                        raise InputError(f"{name} is {np.asarray(arr).dtype} but this decoder graph keeps its KV "
+                                         f"cache as {np.dtype(want)}; make caches with Engine.new_cache(), which "
+                                         "reads the cache type from the bundle")
+                    arr, copied = np.array(arr, dtype=want, order="C"), True
                     ai = arr.__array_interface__
                 ptr = ai["data"][0]
                 keep[name] = arr

@@ -81,6 +81,17 @@ def test_int8_onnxruntime_records_each_part_and_keeps_the_fastest_gated_candidat
     if chosen.endswith("-lowered"):
         ops = {n.op_type for n in onnx.load(str(lowered)).graph.node}
         assert "GroupQueryAttention" in ops and m["parts"]["decoder"]["lowered"]["onnxruntime"]["nodes"] > 0
+        # the KV cache's type was measured too: int8 only when within the gate and faster at a long cache
+        kv = q["decoder"]["tools"]["kv_cache"]
+        long_pos = str(max(int(p) for p in kv["step_ms"]))
+        at_long = kv["step_ms"][long_pos]
+        rule = kv["cosine"] >= q["selection"]["decoder"]["min_cosine"] and at_long["int8"] < at_long["float32"] and \
+            all(t["int8"] <= 1.02 * t["float32"] for t in kv["step_ms"].values())
+        assert kv["kept"] == rule and kv["calibration_positions"] > 0
+        assert (m["parts"]["decoder"].get("kv_cache") == {"onnxruntime": "int8"}) == kv["kept"]
+        cache_types = {i.type.tensor_type.elem_type for i in onnx.load(str(lowered), load_external_data=False).graph.input
+                       if i.name.startswith("past_key.")}
+        assert cache_types == {onnx.TensorProto.INT8 if kv["kept"] else onnx.TensorProto.FLOAT}
 
 
 @needs_torch
@@ -134,6 +145,35 @@ def test_int4_onnxruntime_times_two_block_sizes_and_records_the_chosen_ones_reci
         ops = {n.op_type for n in onnx.load(str(prefill)).graph.node}
         assert "DynamicQuantizeMatMul" in ops and "MatMulNBits" not in ops
         assert sel["candidates"][sel["chosen"]]["median_ms"] == pytest.approx(cost, abs=0.02)
+
+
+@needs_torch
+@pytest.mark.slow
+def test_int4_with_an_int8_prefill_graph_shares_one_int8_kv_cache(tiny_bundle, tmp_path, monkeypatch):
+    """The 4-bit decode graph and the int8 prefill graph write one cache: both get the same
+    int8 KV scales, and answers through both keep the accuracy budget."""
+    import json
+
+    import onnx
+
+    from edgevl.exporters.quantize import composite
+    from edgevl.exporters.lower.kv_int8 import read_kv_scales
+
+    monkeypatch.setattr(composite, "PREFILL_GAIN", -1.0)          # keep the prefill graph whatever it saves
+    recipe = composite.CompositeRecipe(decoder_bits=4, rounds=2, held_out_images=2, vision_candidates=("fp32",),
+                                       kv_cache="int8")
+    bundle = composite.composite_bundle(tiny_bundle, tmp_path / "ort-int4-kv8", "onnxruntime", recipe,
+                                        eval_scenes=20, log=lambda *a: None)
+    prefill, decode = bundle.prefill_file("decoder", "onnxruntime"), bundle.part_file("decoder", "onnxruntime")
+    assert prefill is not None and bundle.kv_dtype("onnxruntime") == "int8"
+    for path in (prefill, decode):
+        graph = onnx.load(str(path), load_external_data=False).graph
+        assert {i.type.tensor_type.elem_type for i in graph.input if i.name.startswith("past_")
+                and i.name != "past_len"} == {onnx.TensorProto.INT8}
+    a, b = read_kv_scales(prefill), read_kv_scales(decode)
+    assert all((a[k] == b[k]).all() for k in ("key", "value"))
+    report = json.loads((bundle.path / bundle.manifest["reports"]["accuracy"]).read_text())
+    assert report["budget"]["passed"] and report["tasks"]["backends"]["onnxruntime"]["drop_points"] <= 1.0
 
 
 @needs_torch

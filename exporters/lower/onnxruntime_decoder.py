@@ -224,6 +224,7 @@ def lower_onnx(src: Path, decoder_spec: dict, out: Path) -> dict:
 # -- parity and the bundle ----------------------------------------------------------------------
 FP32_TOLERANCE = (1e-3, 0.99999)        # (max abs diff of any output, minimum cosine)
 NBITS_TOLERANCE = (float("inf"), 0.999)  # accuracy_level 4 rounds activations to int8 per block
+KV8_TOLERANCE = (float("inf"), 0.999)    # an int8 KV cache rounds every cached K/V to its channel's step
 
 
 def parity_feeds(bundle: Bundle, reference, seed: int = 0) -> list[dict]:
@@ -257,21 +258,27 @@ def parity_feeds(bundle: Bundle, reference, seed: int = 0) -> list[dict]:
     return feeds
 
 
-def check_parity(bundle: Bundle, lowered: Path, threads: int | None = None):
-    """Portable vs lowered decoder in ONNX Runtime on ``parity_feeds``; a PartReport."""
+def check_parity(bundle: Bundle, lowered: Path, threads: int | None = None, kv_int8: bool = False):
+    """Portable vs lowered decoder in ONNX Runtime on ``parity_feeds``; a PartReport. A graph with
+    an int8 KV cache is compared through its float interface (kv_int8.FloatCacheView)."""
+    from edgevl.exporters.lower.kv_int8 import FloatCacheView, read_kv_scales
     from edgevl.runtimes.compare import Comparator
     from edgevl.runtimes.onnxruntime import OnnxRuntimeRunner
 
     atol, min_cos = FP32_TOLERANCE if bundle.precision == "fp32" else NBITS_TOLERANCE
+    if kv_int8:
+        atol, min_cos = KV8_TOLERANCE
     with OnnxRuntimeRunner(bundle.path / bundle.parts["decoder"]["onnx"], threads=threads) as portable, \
             OnnxRuntimeRunner(lowered, threads=threads) as candidate:
         feeds = parity_feeds(bundle, portable)
-        return Comparator(atol=atol, min_cosine=min_cos).compare("decoder", portable, candidate, feeds,
+        seen = FloatCacheView(candidate, read_kv_scales(lowered)) if kv_int8 else candidate
+        return Comparator(atol=atol, min_cosine=min_cos).compare("decoder", portable, seen, feeds,
                                                                  ref_name="portable", cand_name="lowered")
 
 
 def lower_decoder(bundle, out, bits: int | None = None, block_size: int = 128, force: bool = False,
-                  check: bool = True, threads: int | None = None, log=print) -> Bundle:
+                  check: bool = True, threads: int | None = None, log=print, kv_cache: str = "float32",
+                  calib="world", calib_prompts: int = 8) -> Bundle:
     """Write a copy of ``bundle`` whose decoder has an ONNX Runtime-lowered artefact.
 
     ``bundle``: a bundle directory or Bundle, FP32 or weight-only (int8-wo / int4-wo: its
@@ -284,7 +291,9 @@ def lower_decoder(bundle, out, bits: int | None = None, block_size: int = 128, f
     The new bundle at ``out`` keeps the portable decoder as ``parts.decoder.onnx`` and adds
     ``parts.decoder.artifacts.onnxruntime`` = ``onnxruntime/decoder_lowered.onnx`` and
     ``parts.decoder.lowered.onnxruntime`` = {file, from, ops, nodes, portable_nodes, weights,
-    parity}. ``check`` compares the two graphs in ONNX Runtime (logits and new K/V on prefill,
+    parity}. ``kv_cache="int8"`` keeps the lowered graph's KV cache in int8 (exporters/lower/kv_int8.py),
+    its scales calibrated on ``calib_prompts`` prompts of ``calib`` through ``bundle``; the manifest
+    then says ``parts.decoder.kv_cache.onnxruntime`` = int8. ``check`` compares the two graphs in ONNX Runtime (logits and new K/V on prefill,
     batched decode at different positions, a cache doubling) and raises ParityError past the
     tolerance: 1e-3 max abs / cosine 0.99999 for FP32, cosine 0.999 for MatMulNBits (its
     int8 activation rounding sees slightly different inputs). Written atomically (BundleWriter)."""
@@ -322,8 +331,22 @@ def lower_decoder(bundle, out, bits: int | None = None, block_size: int = 128, f
                 "parts": {"decoder": {"onnxruntime": q}}, "float_parts": [p for p in src.parts if p != "decoder"],
                 "float_nodes": [], "activations": "float", "recipe": recipe.to_dict(), "versions": tool_versions()}
             log(f"  quantized the portable decoder: {q['MatMulNBits']} MatMulNBits ({bits}-bit, block {block_size})")
+        if kv_cache not in ("float32", "int8"):
+            raise ExportError(f"kv_cache must be float32 or int8, got {kv_cache!r}")
         info = lower_onnx(portable, src.manifest["decoder"], writer.file(LOWERED_FILE))
         n_layers = info["layers"]
+        kv = None
+        if kv_cache == "int8":
+            from edgevl.exporters.lower.kv_int8 import kv_scales, with_int8_kv_cache
+            from edgevl.exporters.quantize.calibration import parse_source
+            from edgevl.exporters.quantize.decoder_feeds import part_feeds
+
+            spec = src.manifest["decoder"]
+            feeds = part_feeds(src, parse_source(calib), ["decoder"], 0, calib_prompts, 1, threads)["decoder"]
+            scales = kv_scales(feeds, int(spec["n_layers"]), int(spec["head_dim"]))
+            kv = with_int8_kv_cache(writer.file(LOWERED_FILE), scales, writer.file(LOWERED_FILE))
+            kv["calibration"] = f"{calib_prompts} prompts of {calib}"
+            log(f"  int8 KV cache: scales from {scales['positions']} cached positions of {calib_prompts} prompts")
         log(f"  lowered: {info['nodes']} nodes ({info['nodes'] / n_layers:.1f} per layer) vs "
             f"{info['portable_nodes']} in the portable graph; weights {', '.join(info['weights'])}")
         entry = {"file": LOWERED_FILE, "from": rel, "ops": sorted(info["ops"]), "nodes": info["nodes"],
@@ -333,11 +356,17 @@ def lower_decoder(bundle, out, bits: int | None = None, block_size: int = 128, f
         decoder = writer.manifest["parts"]["decoder"]
         decoder.setdefault("artifacts", {})["onnxruntime"] = LOWERED_FILE
         decoder.setdefault("lowered", {})["onnxruntime"] = entry
+        decoder.get("kv_cache", {}).pop("onnxruntime", None)
+        if kv is not None:
+            entry["kv_cache"] = kv
+            decoder.setdefault("kv_cache", {})["onnxruntime"] = "int8"
+        elif not decoder.get("kv_cache"):
+            decoder.pop("kv_cache", None)
         if writer.manifest.get("quantization"):
             writer.manifest["quantization"].setdefault("artifacts", {})["onnxruntime"] = (
                 f"parts.decoder.artifacts.onnxruntime ({LOWERED_FILE}: GroupQueryAttention, the same MatMulNBits)")
         if check:
-            report = check_parity(staged_bundle(writer), writer.tmp / LOWERED_FILE, threads)
+            report = check_parity(staged_bundle(writer), writer.tmp / LOWERED_FILE, threads, kv_int8=kv is not None)
             worst = report.worst
             entry["parity"] = {"feeds": report.n_feeds, "atol": report.atol if np.isfinite(report.atol) else None,
                                "min_cosine": report.min_cosine,

@@ -19,7 +19,11 @@ on held-out inputs, and the fastest that keeps the accuracy gate is written:
 |         | each graph also lowered to ORT's fused operators |                                            |
 
 Decoders are ranked by what an answer costs: a prefill of the image block and a prompt plus
-``answer_tokens`` (32) decode steps.
+``answer_tokens`` (32) decode steps. A lowered ONNX Runtime decoder then tries an int8 KV cache
+(exporters/lower/kv_int8.py, scales calibrated on ``kv_calib_prompts`` prompts): kept when its
+logits keep the gate and a decode step at position KV_LONG_POSITION (512) is faster than with the
+float cache, not slower at the answer's own position (``kv_cache="auto"``; "int8" / "float32"
+decide without timing).
 
 The manifest records each part's precision and method and, under
 ``quantization.selection``, every candidate's timing and cosine with the machine they were
@@ -48,6 +52,10 @@ VISION_CANDIDATES = {
 }
 
 
+KV_CACHE_CHOICES = ("auto", "int8", "float32")
+KV_LONG_POSITION = 512                    # where an int8 KV cache must win (issue target: decode at 512 vs 64)
+
+
 @dataclass(frozen=True)
 class CompositeRecipe:
     decoder_bits: int = 8                    # 8: `int8`, 4: `int4`
@@ -60,6 +68,9 @@ class CompositeRecipe:
     calib_samples: int = 8                   # images for the static INT8 candidates (NNCF, Q/DQ)
     held_out_images: int = 2                 # for the parity report and the gate
     vision_candidates: tuple[str, ...] | None = None   # None: every candidate of the target
+    kv_cache: str = "auto"                   # lowered ONNX Runtime decoder: "auto" (int8 when measured faster
+                                             # and within the gate), "int8" (within the gate) or "float32"
+    kv_calib_prompts: int = 8                # prompts whose caches calibrate the int8 KV scales
 
     @property
     def precision(self) -> str:
@@ -75,7 +86,9 @@ class CompositeRecipe:
         unknown = [c for c in self.vision_candidates or () if c not in known]
         if unknown:
             raise ConfigError(f"unknown vision candidate(s) {unknown} for {target}; known: {', '.join(known)}")
-        if self.rounds < 1 or self.held_out_images < 1:
+        if self.kv_cache not in KV_CACHE_CHOICES:
+            raise ConfigError(f"kv_cache must be one of {', '.join(KV_CACHE_CHOICES)}, got {self.kv_cache!r}")
+        if self.rounds < 1 or self.held_out_images < 1 or self.kv_calib_prompts < 1:
             raise ConfigError("rounds and held_out_images must be at least 1")
         return self
 
@@ -239,7 +252,8 @@ def selection_record(part: str, backend: str, candidates: list[Candidate], chose
             "candidates": {c.name: c.summary() for c in candidates}}
 
 
-def _decoder(src, writer, target: str, work: Path, recipe: CompositeRecipe, held: list[dict], threads, log) -> dict:
+def _decoder(src, writer, target: str, work: Path, recipe: CompositeRecipe, held: list[dict], threads, log,
+             calib="world") -> dict:
     """The decoder: weight-only at ``recipe.decoder_bits`` (MatMulNBits for ONNX Runtime, which
     OpenVINO reads too; an NNCF-compressed IR for OpenVINO), timed on held-out decode steps against
     the FP32 decoder for ``int8`` (on a small decoder whose weights sit in cache, dequantizing can
@@ -317,6 +331,11 @@ def _decoder(src, writer, target: str, work: Path, recipe: CompositeRecipe, held
     prefill_graph = _int8_prefill(cands, chosen, recipe, log) if prefill_only else None
     if prefill_graph is not None:
         cands.append(prefill_graph[1])
+    kv = None
+    if chosen.name.endswith("-lowered") and recipe.kv_cache != "float32":
+        kv = _int8_kv(src, chosen, prefill_graph[0] if prefill_graph else None, held, recipe, gate, calib, work,
+                      threads, log)
+        info["kv_cache"] = kv
     spec = writer.manifest["parts"]["decoder"]
     if target == "openvino":
         ir = f"{OPENVINO_DIR}/decoder.xml"
@@ -333,7 +352,7 @@ def _decoder(src, writer, target: str, work: Path, recipe: CompositeRecipe, held
     if chosen.name.endswith("-lowered"):
         from edgevl.exporters.lower.onnxruntime_decoder import LOWERED_FILE
 
-        writer.copy_in(chosen.path, LOWERED_FILE)
+        writer.copy_in(kv["graphs"][chosen.name] if kv and kv["kept"] else chosen.path, LOWERED_FILE)
         spec["artifacts"] = {"onnxruntime": LOWERED_FILE}
         lowered = lowered[chosen.name[:-len("-lowered")]]
         spec["lowered"] = {"onnxruntime": {"file": LOWERED_FILE, "from": spec["onnx"], "ops": sorted(lowered["ops"]),
@@ -341,17 +360,22 @@ def _decoder(src, writer, target: str, work: Path, recipe: CompositeRecipe, held
                                            "weights": lowered["weights"],
                                            "tool": "edgevl.exporters.lower.onnxruntime_decoder"}}
     spec["precision"], spec["method"] = chosen.precision, chosen.method
-    log(f"  decoder: {chosen.name} ({chosen.method})")
+    if kv and kv["kept"]:
+        spec["kv_cache"] = {"onnxruntime": "int8"}
+        spec["method"] += "; int8 KV cache (per channel, calibrated)"
+    log(f"  decoder: {chosen.name} ({spec['method']})")
     wo = recipes.get(chosen.name.removesuffix("-lowered"), wo)
     if prefill_graph is not None:
         pre, hybrid = prefill_graph
-        writer.copy_in(pre.path, PREFILL_FILE)
+        writer.copy_in(kv["graphs"][pre.name] if kv and kv["kept"] else pre.path, PREFILL_FILE)
         spec["prefill"] = {"onnxruntime": PREFILL_FILE}
         spec["prefill_method"] = pre.method
-        spec["method"] = chosen.method + "; prompts prefilled by the int8 graph (" + PREFILL_FILE + ")"
+        spec["method"] += "; prompts prefilled by the int8 graph (" + PREFILL_FILE + ")"
         log(f"  decoder prefill: {pre.name} -> {PREFILL_FILE} ({hybrid.timing['median_ms']:.1f} vs "
             f"{chosen.timing['median_ms']:.1f} ms per answer)")
         chosen = hybrid
+    if kv:
+        kv.pop("graphs")
     return {"precision": chosen.precision, "method": spec["method"], "recipe": wo.to_dict(), "tools": info,
             "selection": selection_record("decoder", target, cands, chosen, gate)}
 
@@ -381,6 +405,96 @@ def _int8_prefill(cands: list[Candidate], chosen: Candidate, recipe: CompositeRe
                        timing={**chosen.timing, "median_ms": round(cost, 2), "prefill_ms": pre.timing["prefill_ms"]},
                        cosine=min(chosen.cosine, pre.cosine), portable=chosen.portable)
     return pre, hybrid
+
+
+def _int8_kv(src, chosen: Candidate, prefill: Candidate | None, held: list[dict], recipe: CompositeRecipe,
+             gate: float, calib, work: Path, threads, log) -> dict:
+    """Try the chosen lowered decoder (and its int8 prefill graph) with an int8 KV cache
+    (exporters/lower/kv_int8.py): scales calibrated on ``recipe.kv_calib_prompts`` prompts of the
+    calibration source through the FP32 bundle; kept when the decoder's logits keep ``gate`` vs
+    FP32 on the held-out feeds and, for ``kv_cache="auto"``, a decode step at KV_LONG_POSITION is
+    faster than with the float cache (it must not be slower at the answer's own position either).
+    -> the record for the manifest, with ``kept`` and (until placed) the int8 ``graphs`` by name."""
+    from edgevl.exporters.lower.kv_int8 import int8_feeds, kv_scales, with_int8_kv_cache
+    from edgevl.exporters.quantize.calibration import parse_source
+    from edgevl.exporters.quantize.decoder_feeds import part_feeds
+    from edgevl.runtimes.compare import diff_outputs
+
+    spec = src.manifest["decoder"]
+    t0 = time.perf_counter()
+    calib_feeds = part_feeds(src, parse_source(calib), ["decoder"], 0, recipe.kv_calib_prompts, 1, threads)["decoder"]
+    scales = kv_scales(calib_feeds, int(spec["n_layers"]), int(spec["head_dim"]))
+    graphs, info = {}, None
+    for c in [chosen, prefill] if prefill else [chosen]:
+        graphs[c.name] = work / f"{c.path.stem}-kv8.onnx"
+        info = with_int8_kv_cache(c.path, scales, graphs[c.name])
+    record = {**info, "calibration": f"{recipe.kv_calib_prompts} prompts of {calib}", "mode": recipe.kv_cache,
+              "build_s": round(time.perf_counter() - t0, 1), "graphs": graphs}
+
+    reference = _reference_outputs(src, "decoder", held, threads)
+    runners = {name: _runner("onnxruntime", path, chosen.precision, threads) for name, path in graphs.items()}
+    floats = {chosen.name: _runner("onnxruntime", chosen.path, chosen.precision, threads)}
+    try:
+        cos = 1.0
+        for f, ref in zip(held, reference):
+            graph = prefill.name if prefill and f["inputs_embeds"].shape[1] > 1 else chosen.name
+            out = runners[graph].infer(int8_feeds(f, scales))
+            cos = min(cos, min(d.cosine for d in diff_outputs(ref, out, ("logits",))))
+        record["cosine"] = round(cos, 6)
+        steps = [f for f in held if f["inputs_embeds"].shape[1] == 1]
+        short = int(max(steps, key=lambda f: int(f["past_len"].max()))["past_len"].max()) if steps else 0
+        long_pos = min(KV_LONG_POSITION, int(spec["max_position"]) - 1)
+        record["step_ms"] = {}
+        for pos in sorted({short, long_pos}):
+            step = _step_feed(src, pos)
+            timed = _interleaved({"float32": (floats[chosen.name], step), "int8": (runners[chosen.name],
+                                                                                int8_feeds(step, scales))},
+                                 recipe.rounds)
+            record["step_ms"][str(pos)] = timed
+    finally:
+        for r in [*runners.values(), *floats.values()]:
+            r.close()
+    at_long, at_short = record["step_ms"][str(long_pos)], record["step_ms"][str(short)]
+    faster = at_long["int8"] < at_long["float32"] and at_short["int8"] <= 1.02 * at_short["float32"]
+    record["kept"] = cos >= gate and (faster or recipe.kv_cache == "int8")
+    why = (f"logits cosine {cos:.5f} (gate {gate}); step at position {long_pos}: {at_long['int8']:.2f} vs "
+           f"{at_long['float32']:.2f} ms float, at {short}: {at_short['int8']:.2f} vs {at_short['float32']:.2f} ms")
+    record["reason"] = why
+    log(f"  decoder KV cache: {'int8' if record['kept'] else 'float32'} ({why})")
+    return record
+
+
+def _step_feed(src, position: int, seed: int = 0) -> dict:
+    """One decode step's feed with ``position`` cached positions (random float K/V: only timing)."""
+    spec = src.manifest["decoder"]
+    rng = np.random.default_rng(seed)
+    capacity = 1 << int(position).bit_length()
+    shape = (1, int(spec["n_kv_heads"]), capacity, int(spec["head_dim"]))
+    feed = {"inputs_embeds": rng.standard_normal((1, 1, int(spec["hidden_dim"]))).astype(np.float32) * 0.05,
+            "past_len": np.array([position], np.int64)}
+    for i in range(int(spec["n_layers"])):
+        for kind in ("key", "value"):
+            feed[f"past_{kind}.{i}"] = rng.standard_normal(shape).astype(np.float32)
+    return feed
+
+
+def _interleaved(pairs: dict, rounds: int) -> dict:
+    """{name: (runner, feed)} -> {name: median ms} over max(rounds, 20) rounds, the order reversed
+    every round and a pause before each call: a call right after another session's runs slower
+    while that session's threads still spin (measured: 9.2 vs 7.3 ms for the same 4-bit step)."""
+    for runner, feed in pairs.values():
+        runner.infer(feed)
+    samples: dict[str, list[float]] = {name: [] for name in pairs}
+    order = list(pairs)
+    for _ in range(max(rounds, 20)):
+        for name in order:
+            runner, feed = pairs[name]
+            time.sleep(0.05)
+            t = time.perf_counter()
+            runner.infer(feed)
+            samples[name].append((time.perf_counter() - t) * 1e3)
+        order.reverse()
+    return {name: round(float(np.median(v)), 3) for name, v in samples.items()}
 
 
 def answer_cost(cands: list[Candidate], target: str, steps: list[dict], prefill: dict, recipe: CompositeRecipe,
@@ -463,7 +577,7 @@ def composite_bundle(bundle, out, target: str, recipe: CompositeRecipe = Composi
         if not order:
             raise QuantizationError(f"no vision candidate kept cosine >= {recipe.min_cosine} vs FP32")
         embed = _embed(src, writer, target, work, recipe, threads, log)
-        decoder = _decoder(src, writer, target, work, recipe, held["decoder"], threads, log)
+        decoder = _decoder(src, writer, target, work, recipe, held["decoder"], threads, log, calib)
         backends = (target,)
         evaluator = AccuracyEvaluator.for_bundle(src, backends, eval_scenes, "val", 0, threads, log=log)
         for chosen in order:
