@@ -53,3 +53,26 @@ def tiny_torch():
     from edgevl.models.checkpoint import load_checkpoint
 
     return load_checkpoint("edgevl-tiny")
+
+
+def batched_and_alone(vlm, requests, params):
+    """Submit every (ids, pixels or None) request at once to ``vlm``'s in-flight scheduler, each
+    from its own thread, then generate each alone; -> (tokens batched, tokens alone, the
+    scheduler's metrics). In-flight batching is exact when the two lists are equal."""
+    import threading
+
+    from edgevl.runtimes.generation import stream_tokens
+
+    results: dict[int, list] = {}
+
+    def submit(i):
+        results[i] = vlm.scheduler.submit(requests[i][0], requests[i][1], params[i]).result(60)
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(len(requests))]
+    [t.start() for t in threads]
+    [t.join(120) for t in threads]
+    stats = vlm.metrics()["scheduler"]
+    engine = vlm.engine
+    alone = [list(stream_tokens(engine, ids, None if px is None else engine.encode_images(px), p))
+             for (ids, px), p in zip(requests, params)]
+    return [results.get(i) for i in range(len(requests))], alone, stats

@@ -3,12 +3,10 @@ GroupQueryAttention does with a quantized cache, the calibrated scales, and the 
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 
-from conftest import needs_torch
+from conftest import batched_and_alone, needs_torch
 from edgevl.errors import InputError
 
 
@@ -181,7 +179,6 @@ def test_in_flight_batching_with_an_int8_cache_gives_the_tokens_of_each_request_
     different positions decoded together give exactly their tokens alone (float weights)."""
     import edgevl
     from edgevl.preprocess import preprocess
-    from edgevl.runtimes.generation import stream_tokens
     from edgevl.runtimes.sampling import SamplingParams
 
     images, questions, _ = _held_out(6)
@@ -191,15 +188,6 @@ def test_in_flight_batching_with_an_int8_cache_gives_the_tokens_of_each_request_
         requests = [(engine.encode_prompt(q), preprocess(im, engine.preprocess_spec, "rgb"))
                     for im, q in zip(images, questions)]
         params = [SamplingParams(max_new_tokens=int(n)) for n in rng.integers(6, 20, len(requests))]
-        results: dict[int, list] = {}
-
-        def submit(i):
-            results[i] = vlm.scheduler.submit(requests[i][0], requests[i][1], params[i]).result(60)
-
-        threads = [threading.Thread(target=submit, args=(i,)) for i in range(len(requests))]
-        [t.start() for t in threads]
-        [t.join(120) for t in threads]
-        stats = vlm.metrics()["scheduler"]
-        alone = [list(stream_tokens(engine, ids, engine.encode_images(px), p)) for (ids, px), p in zip(requests, params)]
-    assert [results[i] for i in range(len(requests))] == alone
+        batched, alone, stats = batched_and_alone(vlm, requests, params)
+    assert batched == alone
     assert max(stats["histograms"]["decode_batch"]) > 1

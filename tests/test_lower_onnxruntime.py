@@ -4,12 +4,11 @@ shared in place) against the portable decoder it was made from, on edgevl-tiny."
 from __future__ import annotations
 
 import copy
-import threading
 
 import numpy as np
 import pytest
 
-from conftest import needs_torch
+from conftest import batched_and_alone, needs_torch
 
 pytestmark = needs_torch
 
@@ -314,7 +313,6 @@ def test_in_flight_batching_with_the_lowered_decoder_gives_the_tokens_of_each_re
     0-1 images) through the scheduler: rows sit at different positions in one decode step."""
     import edgevl
     from edgevl.preprocess import preprocess
-    from edgevl.runtimes.generation import stream_tokens
     from edgevl.runtimes.sampling import SamplingParams
 
     rng = np.random.default_rng(11)
@@ -331,18 +329,8 @@ def test_in_flight_batching_with_the_lowered_decoder_gives_the_tokens_of_each_re
             ids = np.concatenate([np.full(seq * n_images, engine.image_token_id), words]).astype(np.int64)
             requests.append((ids, rng.normal(size=(1, 3, 64, 64)).astype(np.float32) if n_images else None))
         params = [SamplingParams(max_new_tokens=int(n)) for n in rng.integers(6, 24, len(requests))]
-        results: dict[int, list] = {}
-
-        def submit(i):
-            results[i] = vlm.scheduler.submit(requests[i][0], requests[i][1], params[i]).result(60)
-
-        threads = [threading.Thread(target=submit, args=(i,)) for i in range(len(requests))]
-        [t.start() for t in threads]
-        [t.join(120) for t in threads]
-        stats = vlm.metrics()["scheduler"]
-        alone = [list(stream_tokens(engine, ids, None if px is None else engine.encode_images(px), p))
-                 for (ids, px), p in zip(requests, params)]
-    assert [results[i] for i in range(len(requests))] == alone
+        batched, alone, stats = batched_and_alone(vlm, requests, params)
+    assert batched == alone
     assert stats["counters"]["completed"] == len(requests)
     assert max(stats["histograms"]["decode_batch"]) > 1                 # rows really decoded together
 

@@ -166,13 +166,11 @@ class FloatCacheView:
 
     def __init__(self, runner, scales: dict):
         self.runner = runner
-        self.scales = {kind: s.reshape(s.shape[0], -1) for kind, s in scales.items() if kind in ("key", "value")}
+        self.scales = {kind: scales[kind] for kind in ("key", "value")}      # (L, KV * Dh)
 
     def infer(self, feeds: dict) -> dict:
-        shaped = {}
-        for kind, s in self.scales.items():
-            kv = feeds["past_key.0"].shape[1]
-            shaped[kind] = s.reshape(s.shape[0], kv, -1)
+        kv = feeds["past_key.0"].shape[1]
+        shaped = {kind: s.reshape(s.shape[0], kv, -1) for kind, s in self.scales.items()}     # (L, KV, Dh)
         out = dict(self.runner.infer(int8_feeds(feeds, shaped)))
         for name, value in out.items():
             kind, _, layer = name.partition(".")

@@ -433,7 +433,7 @@ def _int8_kv(src, chosen: Candidate, prefill: Candidate | None, held: list[dict]
 
     reference = _reference_outputs(src, "decoder", held, threads)
     runners = {name: _runner("onnxruntime", path, chosen.precision, threads) for name, path in graphs.items()}
-    floats = {chosen.name: _runner("onnxruntime", chosen.path, chosen.precision, threads)}
+    float_cache = _runner("onnxruntime", chosen.path, chosen.precision, threads)
     try:
         cos = 1.0
         for f, ref in zip(held, reference):
@@ -447,12 +447,11 @@ def _int8_kv(src, chosen: Candidate, prefill: Candidate | None, held: list[dict]
         record["step_ms"] = {}
         for pos in sorted({short, long_pos}):
             step = _step_feed(src, pos)
-            timed = _interleaved({"float32": (floats[chosen.name], step), "int8": (runners[chosen.name],
-                                                                                int8_feeds(step, scales))},
-                                 recipe.rounds)
-            record["step_ms"][str(pos)] = timed
+            record["step_ms"][str(pos)] = _interleaved(
+                {"float32": (float_cache, step), "int8": (runners[chosen.name], int8_feeds(step, scales))},
+                recipe.rounds)
     finally:
-        for r in [*runners.values(), *floats.values()]:
+        for r in [*runners.values(), float_cache]:
             r.close()
     at_long, at_short = record["step_ms"][str(long_pos)], record["step_ms"][str(short)]
     faster = at_long["int8"] < at_long["float32"] and at_short["int8"] <= 1.02 * at_short["float32"]
