@@ -241,3 +241,26 @@ def test_blip2_int8_build_runs_and_reports(exported, tmp_path):
     with edgevl.load(bundle.path, backend="onnxruntime", verbose=False) as model:
         result = model.generate(two_images()[0], PROMPTS[0], channels="rgb", max_new_tokens=8)
     assert len(result.tokens) >= 1
+
+
+def test_qwen2_decoder_with_qkv_bias_takes_the_lowered_onnxruntime_path(exported, tmp_path):
+    """InternVL's Qwen2 decoder (q/k/v bias, the variant the lowering reads) lowers to ONNX
+    Runtime's fused operators and still answers like transformers; a variant the lowering does
+    not read (BLIP-2's OPT shape) is refused before anything is written."""
+    import edgevl
+    from edgevl.errors import UnsupportedArchitecture
+    from edgevl.exporters.lower.onnxruntime_decoder import lower_decoder
+
+    bundle, vlm = exported("internvl")
+    lowered = lower_decoder(bundle, tmp_path / "internvl-lowered", log=lambda *a: None)
+    entry = lowered.manifest["parts"]["decoder"]["lowered"]["onnxruntime"]
+    assert entry["parity"]["passed"] and entry["nodes"] < entry["portable_nodes"]
+    with edgevl.load(lowered.path, backend="onnxruntime", verbose=False) as model:
+        assert model.engine.runners["decoder"].path.name == "decoder_lowered.onnx"
+        for image in two_images():
+            for prompt in PROMPTS:
+                tokens = model.generate(image, prompt, channels="rgb", max_new_tokens=N_TOKENS).tokens
+                assert tokens == vlm.reference.generate([image], prompt, N_TOKENS)
+    with pytest.raises(UnsupportedArchitecture, match="norm=layer"):
+        lower_decoder(exported("blip2")[0], tmp_path / "blip2-lowered", log=lambda *a: None)
+    assert not (tmp_path / "blip2-lowered").exists()

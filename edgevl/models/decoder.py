@@ -104,17 +104,28 @@ _VARIANT_FIELDS = ("qkv_bias", "qk_norm", "sandwich_norms", "attn_scale", "norm"
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
 
+# variants the Llama-graph readers (exporters/lower/) handle: a bias on the q/k/v products (Qwen2)
+# is an Add in the product's scope, which the lowering carries over
+LLAMA_GRAPH_VARIANTS = ("qkv_bias",)
+
+
+def llama_graph_blockers(decoder_section: dict) -> dict:
+    """The manifest's ``decoder.variants`` a Llama-graph reader cannot handle ({} when it can)."""
+    variants = decoder_section.get("variants") or {}
+    return {k: v for k, v in variants.items() if k not in LLAMA_GRAPH_VARIANTS}
+
+
 def require_llama_graph(decoder_section: dict, what: str) -> None:
     """Refuse a tool that reads the decoder graph as the Llama graph (exporters/lower/ matches
-    its nodes by name and shape) when the bundle's decoder has variant fields (manifest
-    ``decoder.variants``); the portable decoder ONNX runs everywhere and stays the answer."""
-    variants = decoder_section.get("variants") or {}
-    if variants:
+    its nodes by name and shape) when the bundle's decoder has variant fields it does not handle
+    (manifest ``decoder.variants``); the portable decoder ONNX runs everywhere and stays the answer."""
+    blockers = llama_graph_blockers(decoder_section)
+    if blockers:
         from edgevl.errors import UnsupportedArchitecture
         raise UnsupportedArchitecture(
-            f"{what} reads Llama-shaped decoders only; this bundle's decoder has the variants "
-            f"{', '.join(f'{k}={v}' for k, v in variants.items())}. Use the portable decoder (parts.decoder.onnx), "
-            "which every backend runs")
+            f"{what} reads Llama-shaped decoders only (with {', '.join(LLAMA_GRAPH_VARIANTS)}); this bundle's "
+            f"decoder has the variants {', '.join(f'{k}={v}' for k, v in blockers.items())}. Use the portable "
+            "decoder (parts.decoder.onnx), which every backend runs")
 
 
 class RMSNorm(nn.Module):

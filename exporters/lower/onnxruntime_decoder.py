@@ -120,14 +120,28 @@ def rope_tables(inv_freq: np.ndarray, max_position: int) -> tuple[np.ndarray, np
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
+def lowering_refusal(decoder_spec: dict) -> str | None:
+    """Why a decoder (its manifest section) cannot be lowered for ONNX Runtime, or None."""
+    from edgevl.models.decoder import llama_graph_blockers
+
+    blockers = llama_graph_blockers(decoder_spec)
+    if blockers:
+        return (f"the lowering reads Llama-shaped decoders only (q/k/v bias included); this decoder has the "
+                f"variants {', '.join(f'{k}={v}' for k, v in blockers.items())}: use the portable one")
+    head_dim = int(decoder_spec["head_dim"])
+    if head_dim % 16:
+        return (f"head_dim {head_dim}: ONNX Runtime's GroupQueryAttention applies RoPE (do_rotary) only to heads "
+                "whose size is a multiple of 16; this decoder cannot be lowered, use the portable one")
+    return None
+
+
 def build_lowered(dec: PortableDecoder):
     """The lowered decoder as an onnx.ModelProto (see the module docstring for its form)."""
     from onnx import TensorProto, helper
 
-    if dec.head_dim % 16:
-        raise ExportError(f"head_dim {dec.head_dim}: ONNX Runtime's GroupQueryAttention applies RoPE (do_rotary) "
-                          "only to heads whose size is a multiple of 16; this decoder cannot be lowered, use the "
-                          "portable one")
+    refusal = lowering_refusal({"head_dim": dec.head_dim})
+    if refusal:
+        raise ExportError(refusal)
     b = _GraphBuilder()
     kv, dh, d, n = dec.n_kv_heads, dec.head_dim, dec.hidden_dim, len(dec.layers)
     cos, sin = rope_tables(dec.inv_freq, dec.max_position)

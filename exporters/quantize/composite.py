@@ -295,9 +295,11 @@ def _decoder(src, writer, target: str, work: Path, recipe: CompositeRecipe, held
             fp32 = _built("fp32", "fp32", "FP32 IR (f32 inference hint)", lambda p: _save_ir(fp32_onnx, p),
                           work / "decoder-fp32.xml")
         cands.append(fp32)
-    # ORT's fused operators (exporters/lower) read Llama-shaped decoders only: a decoder with variant fields
-    # (Qwen2 bias, Gemma norms, OPT...) keeps its portable candidates
-    lowerable = target == "onnxruntime" and not src.manifest["decoder"].get("variants")
+    # ORT's fused operators (exporters/lower) read Llama-shaped decoders (Qwen2's q/k/v bias included) with
+    # heads of a multiple of 16: any other decoder (Gemma norms, OPT...) keeps its portable candidates
+    from edgevl.exporters.lower.onnxruntime_decoder import lowering_refusal
+
+    lowerable = target == "onnxruntime" and lowering_refusal(src.manifest["decoder"]) is None
     # the one-line peer's recipe is a candidate like any other; for int4 it can only serve as the (lowered)
     # prefill graph, so it is built there only when it can be lowered
     if target == "onnxruntime" and (wo.bits == 8 or lowerable):
