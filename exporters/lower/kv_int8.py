@@ -82,6 +82,17 @@ def kv_scales(feeds: list[dict], n_layers: int, head_dim: int, margin: float = K
     return out
 
 
+def calibrate_kv_scales(bundle, calib="world", prompts: int = 8, threads: int | None = None) -> dict:
+    """``kv_scales`` from the caches ``bundle`` (its FP32 or weight-only decoder, through the
+    runtime) writes for ``prompts`` prompts with images of the calibration source ``calib``."""
+    from edgevl.exporters.quantize.calibration import parse_source
+    from edgevl.exporters.quantize.decoder_feeds import part_feeds
+
+    spec = bundle.manifest["decoder"]
+    feeds = part_feeds(bundle, parse_source(calib), ["decoder"], 0, prompts, 1, threads)["decoder"]
+    return kv_scales(feeds, int(spec["n_layers"]), int(spec["head_dim"]))
+
+
 def quantize_cache(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """A float cache tensor (B, KV, C, Dh) in the int8 layout the kernel writes, with ``scale`` (KV, Dh)."""
     return np.clip(np.rint(x / scale[None, :, None, :]), -QMAX, QMAX).astype(np.int8)

@@ -318,6 +318,8 @@ def lower_decoder(bundle, out, bits: int | None = None, block_size: int = 128, f
     from edgevl.runtimes.compare import Comparator
 
     t0 = time.perf_counter()
+    if kv_cache not in ("float32", "int8"):
+        raise ExportError(f"kv_cache must be float32 or int8, got {kv_cache!r}")
     src = as_bundle(bundle)
     if "decoder" not in src.parts:
         raise ExportError(f"{src.path} has no decoder part to lower")
@@ -345,19 +347,13 @@ def lower_decoder(bundle, out, bits: int | None = None, block_size: int = 128, f
                 "parts": {"decoder": {"onnxruntime": q}}, "float_parts": [p for p in src.parts if p != "decoder"],
                 "float_nodes": [], "activations": "float", "recipe": recipe.to_dict(), "versions": tool_versions()}
             log(f"  quantized the portable decoder: {q['MatMulNBits']} MatMulNBits ({bits}-bit, block {block_size})")
-        if kv_cache not in ("float32", "int8"):
-            raise ExportError(f"kv_cache must be float32 or int8, got {kv_cache!r}")
         info = lower_onnx(portable, src.manifest["decoder"], writer.file(LOWERED_FILE))
         n_layers = info["layers"]
         kv = None
         if kv_cache == "int8":
-            from edgevl.exporters.lower.kv_int8 import kv_scales, with_int8_kv_cache
-            from edgevl.exporters.quantize.calibration import parse_source
-            from edgevl.exporters.quantize.decoder_feeds import part_feeds
+            from edgevl.exporters.lower.kv_int8 import calibrate_kv_scales, with_int8_kv_cache
 
-            spec = src.manifest["decoder"]
-            feeds = part_feeds(src, parse_source(calib), ["decoder"], 0, calib_prompts, 1, threads)["decoder"]
-            scales = kv_scales(feeds, int(spec["n_layers"]), int(spec["head_dim"]))
+            scales = calibrate_kv_scales(src, calib, calib_prompts, threads)
             kv = with_int8_kv_cache(writer.file(LOWERED_FILE), scales, writer.file(LOWERED_FILE))
             kv["calibration"] = f"{calib_prompts} prompts of {calib}"
             log(f"  int8 KV cache: scales from {scales['positions']} cached positions of {calib_prompts} prompts")
@@ -370,12 +366,12 @@ def lower_decoder(bundle, out, bits: int | None = None, block_size: int = 128, f
         decoder = writer.manifest["parts"]["decoder"]
         decoder.setdefault("artifacts", {})["onnxruntime"] = LOWERED_FILE
         decoder.setdefault("lowered", {})["onnxruntime"] = entry
-        decoder.get("kv_cache", {}).pop("onnxruntime", None)
+        kv_types = decoder.setdefault("kv_cache", {})       # a relowered bundle's earlier choice goes
+        kv_types.pop("onnxruntime", None)
         if kv is not None:
-            entry["kv_cache"] = kv
-            decoder.setdefault("kv_cache", {})["onnxruntime"] = "int8"
-        elif not decoder.get("kv_cache"):
-            decoder.pop("kv_cache", None)
+            entry["kv_cache"], kv_types["onnxruntime"] = kv, "int8"
+        if not kv_types:
+            del decoder["kv_cache"]
         if writer.manifest.get("quantization"):
             writer.manifest["quantization"].setdefault("artifacts", {})["onnxruntime"] = (
                 f"parts.decoder.artifacts.onnxruntime ({LOWERED_FILE}: GroupQueryAttention, the same MatMulNBits)")

@@ -89,7 +89,7 @@ class CompositeRecipe:
         if self.kv_cache not in KV_CACHE_CHOICES:
             raise ConfigError(f"kv_cache must be one of {', '.join(KV_CACHE_CHOICES)}, got {self.kv_cache!r}")
         if self.rounds < 1 or self.held_out_images < 1 or self.kv_calib_prompts < 1:
-            raise ConfigError("rounds and held_out_images must be at least 1")
+            raise ConfigError("rounds, held_out_images and kv_calib_prompts must be at least 1")
         return self
 
     def to_dict(self) -> dict:
@@ -417,15 +417,12 @@ def _int8_kv(src, chosen: Candidate, prefill: Candidate | None, held: list[dict]
     FP32 on the held-out feeds and, for ``kv_cache="auto"``, a decode step at KV_LONG_POSITION is
     faster than with the float cache (it must not be slower at the answer's own position either).
     -> the record for the manifest, with ``kept`` and (until placed) the int8 ``graphs`` by name."""
-    from edgevl.exporters.lower.kv_int8 import int8_feeds, kv_scales, with_int8_kv_cache
-    from edgevl.exporters.quantize.calibration import parse_source
-    from edgevl.exporters.quantize.decoder_feeds import part_feeds
+    from edgevl.exporters.lower.kv_int8 import calibrate_kv_scales, int8_feeds, with_int8_kv_cache
     from edgevl.runtimes.compare import diff_outputs
 
     spec = src.manifest["decoder"]
     t0 = time.perf_counter()
-    calib_feeds = part_feeds(src, parse_source(calib), ["decoder"], 0, recipe.kv_calib_prompts, 1, threads)["decoder"]
-    scales = kv_scales(calib_feeds, int(spec["n_layers"]), int(spec["head_dim"]))
+    scales = calibrate_kv_scales(src, calib, recipe.kv_calib_prompts, threads)
     graphs, info = {}, None
     for c in [chosen, prefill] if prefill else [chosen]:
         graphs[c.name] = work / f"{c.path.stem}-kv8.onnx"
