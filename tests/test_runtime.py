@@ -201,6 +201,27 @@ def test_batching_gives_the_decoder_half_the_cores_and_threads_can_be_set_per_pa
         assert vlm.engine.runners["vision"].session.get_session_options().intra_op_num_threads == 1
 
 
+def test_parts_called_once_per_request_give_their_memory_back_and_answer_the_same(tiny_bundle):
+    """Vision (and a prefill graph) run without ORT's memory pattern and release their arena after
+    each run; the decoder keeps both. The greedy answer is the one the default settings give."""
+    from edgevl.data.world import make_scene
+
+    image = make_scene("test", 3).image()
+    with edgevl.load(tiny_bundle, backend="onnxruntime", verbose=False) as vlm:
+        runners = vlm.engine.runners
+        vision = runners["vision"]
+        assert not vision.session.get_session_options().enable_mem_pattern
+        assert vision._run_options.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
+        assert runners["decoder"].session.get_session_options().enable_mem_pattern
+        assert runners["decoder"]._run_options is None
+        tuned = [vlm.generate(image, "describe the image.", channels="rgb").tokens for _ in range(2)]
+    defaults = {"memory_pattern": True, "release_memory": False, "spinning": True}
+    with edgevl.load(tiny_bundle, backend="onnxruntime", options=defaults, verbose=False) as vlm:
+        assert vlm.engine.runners["vision"].session.get_session_options().enable_mem_pattern
+        plain = vlm.generate(image, "describe the image.", channels="rgb").tokens
+    assert tuned[0] == tuned[1] == plain
+
+
 @pytest.mark.skipif(not HAS_OPENVINO, reason="needs OpenVINO: pip install edgevl[openvino]")
 def test_openvino_decode_steps_run_on_the_static_step_model_with_the_same_results(tiny_bundle):
     """Single-sequence decode steps go to the batch-1, one-token compiled model; prefill and
