@@ -195,9 +195,15 @@ class Scheduler:
                              "pass one image per image block")
 
     def _reserve(self, block: bool, wait_s: float | None) -> None:
+        """Count a new request against the queue bound. Requests that the next admission puts
+        into free slots are not waiting for one: a slot freed by a finished request is handed to
+        the oldest waiting request only at the scheduler's next loop, and a caller that answers
+        "done" to its client at once (an HTTP server; Ray Serve's router, which then sends the
+        next request to this replica) would otherwise see a full queue with a slot free."""
         with self._cond:
             until = None if wait_s is None else time.monotonic() + wait_s
-            while not self._closed and len(self._waiting) + self._reserved >= self.max_queue_size:
+            while not self._closed and len(self._waiting) + self._reserved >= \
+                    self.max_queue_size + max(0, self.max_batch_size - len(self._active)):
                 left = None if until is None else until - time.monotonic()
                 if not block or (left is not None and left <= 0):
                     self.metrics.count("rejected")

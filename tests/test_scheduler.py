@@ -246,6 +246,41 @@ def test_queue_full_then_blocking_submit_and_every_accepted_request_resolves(con
     assert c["accepted"] == 4 and c["completed"] == 4 and c["rejected"] == 2
 
 
+def test_a_request_sent_the_moment_another_finishes_is_not_refused(controlled):
+    """A full batch and a full queue; the instant a request finishes (its future resolves, in the
+    scheduler thread, before the next loop admits a waiting request into the freed slot) a new one
+    is submitted, as an HTTP server or Ray Serve's router does after answering: it is accepted,
+    because the queue's waiting requests now have a free slot ahead of them."""
+    controlled.no_eos, controlled.step_delay_s = True, 0.01
+    ids, _, _ = scene_requests(controlled, 2)[1]
+    ids = ids[ids != controlled.image_token_id]
+    with Scheduler(controlled, max_batch_size=2, max_queue_size=1) as scheduler:
+        first = scheduler.submit(ids, None, SamplingParams(max_new_tokens=20))
+        others = [scheduler.submit(ids, None, SamplingParams(max_new_tokens=40))]
+        deadline = time.monotonic() + 10
+        while scheduler.stats()["scheduler"]["gauges"].get("active") != 2:      # the batch is full
+            assert time.monotonic() < deadline and not first.done()
+            time.sleep(0.005)
+        others.append(scheduler.submit(ids, None, SamplingParams(max_new_tokens=4)))     # waiting: queue full
+        with pytest.raises(QueueFull):
+            scheduler.submit(ids, None, SamplingParams(max_new_tokens=4))
+        sent = []
+
+        def resubmit(_future):
+            try:
+                sent.append(scheduler.submit(ids, None, SamplingParams(max_new_tokens=4)))
+            except QueueFull as e:
+                sent.append(e)
+
+        first.add_done_callback(resubmit)
+        assert len(first.result(60)) == 20
+        deadline = time.monotonic() + 10
+        while not sent and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sent and not isinstance(sent[0], QueueFull), sent
+        assert [len(f.result(60)) for f in [*others, sent[0]]] == [40, 4, 4]
+
+
 def test_shutdown_finishes_every_accepted_request(controlled):
     requests = scene_requests(controlled, 6, seed=2)
     expected = alone(controlled, requests)
