@@ -25,7 +25,7 @@ import torch
 
 from edgevl.errors import ExportError, UnsupportedArchitecture
 from edgevl.exporters.families.base import EmbedPart
-from edgevl.models.decoder import Decoder, DecoderSpec, RotaryEmbedding
+from edgevl.models.decoder import Decoder, DecoderSpec, RotaryEmbedding, mrope_axis
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")   # a static inv_freq table, no attention scaling
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "relu": "relu"}
@@ -58,6 +58,10 @@ def _window(c) -> dict:
     return {"layer_types": types, "sliding_window": c.sliding_window} if types else {}
 
 
+def _mrope_section(c) -> tuple[int, ...]:
+    return tuple(int(n) for n in _rope(c).get("mrope_section") or (16, 24, 24))   # HF's default
+
+
 def _gemma3_refuse(c) -> list[str]:
     out = [f"{k}={getattr(c, k)}" for k in ("final_logit_softcapping", "attn_logit_softcapping")
            if getattr(c, k, None) is not None]
@@ -82,6 +86,9 @@ def _opt_refuse(c) -> list[str]:
 TEXT_MODELS: dict[str, TextModel] = {
     "llama": TextModel(lambda c: {}),
     "qwen2": TextModel(lambda c: {"qkv_bias": True, **_window(c)}),
+    # Qwen2-VL / Qwen2.5-VL: Qwen2 with multimodal RoPE (positions from the runtime, runtimes/mrope.py)
+    "qwen2_vl_text": TextModel(lambda c: {"qkv_bias": True, "mrope_section": _mrope_section(c), **_window(c)}),
+    "qwen2_5_vl_text": TextModel(lambda c: {"qkv_bias": True, "mrope_section": _mrope_section(c), **_window(c)}),
     "qwen3": TextModel(lambda c: {"qk_norm": True, **_window(c)}),
     "gemma": TextModel(lambda c: {"activation": _act(c)}, one_plus_norms=True),
     "gemma3_text": TextModel(
@@ -233,7 +240,9 @@ def text_to_decoder(text_model: torch.nn.Module, lm_head: torch.nn.Linear, text_
         if local:
             decoder.rotary_local = RotaryEmbedding(spec.head_dim, spec.rope_local_theta)
             decoder.rotary_local.inv_freq = _rotary_table(hf_rotary, "sliding_attention", where)
-    elif not spec.learned_positions:
+    if spec.mrope_section:
+        decoder.mrope_axis = mrope_axis(spec.mrope_section)
+    if hf_rotary is None and not spec.learned_positions:
         raise ExportError(f"{where}: the HF text model has no rotary embedding module (rotary_emb)")
     left = [n for n, p in decoder.named_parameters() if p.is_meta] + \
            [n for n, b in decoder.named_buffers() if b.is_meta]
