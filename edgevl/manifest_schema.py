@@ -210,6 +210,7 @@ MANIFEST_SCHEMA = Obj({
     "mrope": opt(Obj({     # multimodal RoPE positions (runtimes/mrope.py): the image token and its merged grid
         "section": opt(List(Int(1, 4096), 3, 3)),
         "image_token_id": req(TOKEN_ID),
+        "video_token_id": opt(TOKEN_ID),
         "grid": req(List(Int(1, MAX_IMAGE_SIDE), 2, 2)),
         "image_size": opt(List(SIZE, 2, 2)),
     })),

@@ -109,6 +109,12 @@ class Engine:
         return [*self.runners.values(), *([self.prefill_runner] if self.prefill_runner is not None else [])]
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        fixed = self.preprocess_spec.get("fixed_size")
+        if fixed and tuple(pixels.shape[1:]) != (3, *self.preprocess_spec["size"]):
+            w, h = fixed["image_size"]
+            raise InputError(f"pixel_values of shape {tuple(pixels.shape)}: this bundle encodes one image size, "
+                             f"{w}x{h} (chosen when it was built); pass images (they are resized to it) or rebuild "
+                             f"the bundle with --image-size for another size")
         embeds = self.runners["vision"].infer({"pixel_values": pixels})["image_embeds"]
         expected = (pixels.shape[0], int(self.prompt_spec["image_seq_len"]))
         if embeds.ndim != 3 or embeds.shape[:2] != expected:

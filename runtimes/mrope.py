@@ -28,6 +28,7 @@ from edgevl.errors import InputError
 class MRoPEPositions:
     def __init__(self, section: dict):
         self.image_token_id = int(section["image_token_id"])
+        self.video_token_id = section.get("video_token_id")
         self.grid_h, self.grid_w = (int(n) for n in section["grid"])
         n = self.grid_h * self.grid_w
         rows, cols = np.divmod(np.arange(n, dtype=np.int64), self.grid_w)
@@ -36,6 +37,9 @@ class MRoPEPositions:
     def prompt(self, ids: np.ndarray) -> tuple[np.ndarray, int]:
         """ids (T,) -> (positions (3, T) int64, delta): delta = next position - T."""
         ids = np.asarray(ids).reshape(-1)
+        if self.video_token_id is not None and (ids == int(self.video_token_id)).any():
+            raise InputError("the prompt holds video tokens (<|video_pad|>): video input is not supported by edgevl "
+                             "bundles (one fixed image block per image); pass video frames as images")
         is_image = ids == self.image_token_id
         out = np.empty((3, len(ids)), np.int64)
         n_block = len(self.block[0])

@@ -86,9 +86,6 @@ def _opt_refuse(c) -> list[str]:
 TEXT_MODELS: dict[str, TextModel] = {
     "llama": TextModel(lambda c: {}),
     "qwen2": TextModel(lambda c: {"qkv_bias": True, **_window(c)}),
-    # Qwen2-VL / Qwen2.5-VL: Qwen2 with multimodal RoPE (positions from the runtime, runtimes/mrope.py)
-    "qwen2_vl_text": TextModel(lambda c: {"qkv_bias": True, "mrope_section": _mrope_section(c), **_window(c)}),
-    "qwen2_5_vl_text": TextModel(lambda c: {"qkv_bias": True, "mrope_section": _mrope_section(c), **_window(c)}),
     "qwen3": TextModel(lambda c: {"qk_norm": True, **_window(c)}),
     "gemma": TextModel(lambda c: {"activation": _act(c)}, one_plus_norms=True),
     "gemma3_text": TextModel(
@@ -106,6 +103,9 @@ TEXT_MODELS: dict[str, TextModel] = {
         renames={"out_proj": "o_proj", "self_attn_layer_norm": "input_layernorm", "fc1": "mlp.up_proj",
                  "fc2": "mlp.down_proj", "final_layer_norm": "post_attention_layernorm"},
         refuse=_opt_refuse),
+    # Qwen2-VL / Qwen2.5-VL: Qwen2 with multimodal RoPE (positions from the runtime, runtimes/mrope.py)
+    "qwen2_vl_text": TextModel(lambda c: {"qkv_bias": True, "mrope_section": _mrope_section(c), **_window(c)}),
+    "qwen2_5_vl_text": TextModel(lambda c: {"qkv_bias": True, "mrope_section": _mrope_section(c), **_window(c)}),
 }
 
 

@@ -35,12 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgevl.errors import UnsupportedArchitecture
+from edgevl.errors import ExportError, UnsupportedArchitecture
 from edgevl.exporters.families.base import ExportableVLM, register
 from edgevl.exporters.families.hf_base import HFFamilySpec, HFReference, eos_ids, image_only_processor, \
     interpolation, normalisation
 
 DEFAULT_VIEW = 448          # the side of the square view the default size is derived from
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -155,6 +156,18 @@ class QwenReference(HFReference):
         ip = processor.image_processor
         self.layout = (ip.patch_size, ip.merge_size, ip.temporal_patch_size)
 
+    def image_block(self, size: tuple[int, int]) -> str:
+        """The chat template writes <|vision_start|><|image_pad|><|vision_end|> per image; the whole
+        of it is the image block, so a prompt with several images repeats it as the template does."""
+        return VISION_START + super().image_block(size) + VISION_END
+
+    def prompt_layout(self) -> tuple[str, str]:
+        template, _ = super().prompt_layout()
+        wrapped = VISION_START + "{image}" + VISION_END
+        if wrapped not in template:
+            raise ExportError(f"the chat template rendered {template!r}: expected {VISION_START}<image>{VISION_END}")
+        return template.replace(wrapped, "{image}"), ""
+
     def fit(self, images) -> list[np.ndarray]:
         return [stretch(image, self.size, self.resample) for image in images]
 
@@ -235,6 +248,7 @@ class QwenVLSpec(HFFamilySpec):
 
         mrope = {"section": list(config.text_config.rope_parameters["mrope_section"]),
                  "image_token_id": int(config.image_token_id), "grid": merged_grid,
+                 "video_token_id": int(config.video_token_id),
                  "image_size": [size[1], size[0]]}
         return self.assemble(path, where, arch, model, config, ref, vision=vision,
                              text_model=model.model.language_model, size=size, preprocess=preprocess,
