@@ -194,6 +194,20 @@ def test_refusals_name_what_is_not_supported(qwen):
             engine.prefill(engine.new_cache(), 0, embeds)
 
 
+def test_tensorrt_profiles_cover_the_position_input(qwen):
+    """position_ids (3, batch, seq) gets the decoder's own batch/seq ranges in both TensorRT profiles."""
+    from edgevl.bundle import load_bundle
+    from edgevl.exporters.compile.trt_profiles import compute_profiles
+
+    m = load_bundle(qwen("qwen2_5_vl")[0]).manifest
+    profiles = {p.name: p.shapes for p in compute_profiles(m, parts=["decoder"])["decoder"]}
+    for name, shapes in profiles.items():
+        lo, opt, hi = shapes["position_ids"]
+        embeds = shapes["inputs_embeds"]
+        assert lo == (3, *embeds[0][:2]) and opt == (3, *embeds[1][:2]) and hi == (3, *embeds[2][:2]), name
+    assert profiles["decode"]["position_ids"][2][2] == 1
+
+
 def test_default_image_size_comes_from_the_processor(qwen):
     from edgevl.exporters.export import load_exportable
 
