@@ -104,7 +104,8 @@ def decoder_feeds(vlm: ExportableVLM, images: list[np.ndarray]) -> list[dict]:
               **{n: np.concatenate([c, c]) for n, c in zip(names_in[2:], cache)}}
     if spec.mrope_section:
         decode["position_ids"] = np.full((3, 1, 1), t + delta, np.int64)
-        batch2["position_ids"] = np.broadcast_to(np.array([t, t // 2], np.int64)[None, :, None] + delta, (3, 2, 1)).copy()
+        rows = np.array([t, t // 2], np.int64) + delta
+        batch2["position_ids"] = np.ascontiguousarray(np.broadcast_to(rows[None, :, None], (3, 2, 1)))
     return [prefill, decode, batch2]
 
 

@@ -22,8 +22,9 @@ so every family keeps this one module, this I/O and this cache contract:
 q/k/v bias (Qwen2), q/k RMSNorm over each head (Qwen3, Gemma 3), norms after the attention
 and MLP too (Gemma 2/3 "sandwich"), a custom softmax scale (Gemma 3's query_pre_attn_scalar),
 GELU-tanh gated MLP (Gemma), sliding-window layers beside global ones with their own RoPE base
-(Gemma 3), multimodal RoPE over 3-D (temporal, height, width) positions (Qwen2-VL/2.5-VL), and the OPT shape (LayerNorm with bias, a plain fc1 -> ReLU -> fc2 MLP, learned
-absolute positions instead of RoPE). Gemma's (1 + w) RMSNorm weight is folded into the weight
+(Gemma 3), multimodal RoPE over 3-D (temporal, height, width) positions (Qwen2-VL/2.5-VL), and
+the OPT shape (LayerNorm with bias, a plain fc1 -> ReLU -> fc2 MLP, learned absolute positions
+instead of RoPE). Gemma's (1 + w) RMSNorm weight is folded into the weight
 by the family mapping (the same product), and its embedding scale lives in the embed part.
 ``DecoderSpec.variants()`` lists the non-default fields; export records them in the manifest.
 

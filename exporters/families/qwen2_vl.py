@@ -50,7 +50,8 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     h, w = round(height / factor) * factor, round(width / factor) * factor
     if h * w > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
-        h, w = max(factor, math.floor(height / beta / factor) * factor), max(factor, math.floor(width / beta / factor) * factor)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
     elif h * w < min_pixels:
         beta = math.sqrt(min_pixels / (height * width))
         h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
@@ -73,9 +74,10 @@ def unflatten_patches(flat: np.ndarray, size: tuple[int, int], patch: int, merge
     h, w = size
     gh, gw = h // patch, w // patch
     x = flat.reshape(-1, gh // merge, gw // merge, merge, merge, 3, temporal, patch, patch)
-    if temporal > 1 and not all(np.array_equal(x[:, :, :, :, :, :, 0], x[:, :, :, :, :, :, t]) for t in range(temporal)):
+    frames = [x[:, :, :, :, :, :, t] for t in range(temporal)]
+    if not all(np.array_equal(frames[0], f) for f in frames[1:]):
         raise UnsupportedArchitecture("the processor's temporal patches differ: video frames, not one image")
-    x = x[:, :, :, :, :, :, 0].transpose(0, 5, 1, 3, 6, 2, 4, 7)      # (B, C, gh/m, m, P, gw/m, m, P)
+    x = frames[0].transpose(0, 5, 1, 3, 6, 2, 4, 7)                    # (B, C, gh/m, m, P, gw/m, m, P)
     return np.ascontiguousarray(x.reshape(-1, 3, h, w))
 
 
