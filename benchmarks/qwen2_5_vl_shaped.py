@@ -176,11 +176,13 @@ def main(argv=None) -> dict:
                            f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} images, {NEW_TOKENS} new tokens", "stages": {}}
     for name in args.stages.split(","):
         t = time.perf_counter()
+        load_before = [round(x, 2) for x in os.getloadavg()]
         run = subprocess.run([sys.executable, __file__, "--stage", name, "--cache", str(args.cache)], env=env,
                              stdout=subprocess.PIPE, text=True)
         lines = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")]
         result["stages"][name] = json.loads(lines[-1][7:]) if lines and run.returncode == 0 else \
             {"failed": run.returncode, "wall_s": round(time.perf_counter() - t, 1)}
+        result["stages"][name]["load_average_before_after"] = [load_before, [round(x, 2) for x in os.getloadavg()]]
         print(name, json.dumps(result["stages"][name]), file=sys.stderr, flush=True)
     s = result["stages"]
     if "transformers" in s and "end_to_end_s" in s["transformers"]:
