@@ -119,13 +119,15 @@ def stage(name: str, args) -> dict:
 
         backends = weight_only_backends("onnxruntime")
         recipe = WeightOnlyRecipe(bits=8, block_size=default_block_size(backends), backends=backends)
-        staged = weight_only_bundle(load_bundle(fp32), args.cache / "bundles" / ".wo-stage", recipe, eval_scenes=4,
-                                    accept_loss=True, log=lambda *a: print(*a, file=sys.stderr))
+        staged = weight_only_bundle(load_bundle(fp32), args.cache / "bundles" / ".wo-stage", recipe, force=True,
+                                    eval_scenes=4, accept_loss=True, log=lambda *a: print(*a, file=sys.stderr))
         bundle = finish(staged, wo, "onnxruntime", "int8-wo", True, lambda *a: print(*a, file=sys.stderr))
         report = bundle.report("accuracy") or {}
         return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": _peak_mb(),
                 "bundle_mb": round(sum(f["bytes"] for f in bundle.manifest["files"].values()) / 1e6, 1),
-                "accuracy_report": {k: v for k, v in report.items() if not isinstance(v, (list, dict))}}
+                "decoder_vs_fp32": report.get("parts", {}).get("decoder", {}).get("onnxruntime"),
+                "answers_identical_to_fp32": report.get("tasks", {}).get("backends", {}).get("onnxruntime", {})
+                .get("agreement")}
     if name.startswith("edgevl-"):
         import edgevl
 
@@ -136,7 +138,7 @@ def stage(name: str, args) -> dict:
             result = model.generate(_image(), PROMPT, channels="rgb", max_new_tokens=NEW_TOKENS)
             seconds = time.perf_counter() - t
         return {"tokens": list(result.tokens), "end_to_end_s": round(seconds, 2), "peak_rss_mb": _peak_mb(),
-                "timings_ms": {k: (round(v, 1) if isinstance(v, float) else v) for k, v in result.timings.items()
+                "timings_ms": {k: (round(v, 1) if isinstance(v, float) else v) for k, v in result.timings_ms.items()
                                if not isinstance(v, list)}}
     if name == "transformers":
         import torch
