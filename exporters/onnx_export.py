@@ -100,9 +100,25 @@ def _unsupported_op(message: str) -> str | None:
 
 
 def _finalize(path: Path) -> None:
-    """Clamp the IR version for older runtimes; move big weights to external data."""
-    import onnx
+    """Clamp the IR version for older runtimes; move big weights to external data.
 
+    A graph past protobuf's 2 GB (e.g. Qwen2.5-VL-3B's vision tower) is written by torch with one
+    external file per tensor beside it; those are gathered into the one ``<part>.onnx.data`` file
+    every bundle part uses (the proto itself cannot be serialised whole to measure it)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    scattered = {ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)}
+    scattered.discard(path.name + ".data")
+    if scattered:
+        onnx.load_external_data_for_model(model, str(path.parent))
+        model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+        for name in scattered:
+            (path.parent / name).unlink(missing_ok=True)
+        return
     model = onnx.load(str(path), load_external_data=True)
     changed = False
     if model.ir_version > MAX_IR_VERSION:

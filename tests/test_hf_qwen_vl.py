@@ -235,3 +235,27 @@ def test_int8_build_runs_and_reports(qwen, tmp_path):
     with edgevl.load(bundle.path, backend="onnxruntime", verbose=False) as model:
         result = model.generate(two_images()[0], PROMPTS[0], channels="rgb", max_new_tokens=8)
     assert len(result.tokens) >= 1
+
+
+def test_a_part_written_as_one_file_per_tensor_is_gathered_into_one_data_file(tmp_path):
+    """torch writes a graph past protobuf's 2 GB (Qwen2.5-VL-3B's vision tower) with one external file
+    per tensor; the export gathers them into the part's one .data file, with the same results."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from edgevl.exporters.onnx_export import _finalize
+
+    path = tmp_path / "vision.onnx"
+    module = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).eval()
+    torch.onnx.export(module, (torch.randn(2, 64),), str(path), input_names=["x"], output_names=["y"], dynamo=False)
+    model = onnx.load(str(path))
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    scattered = sorted(p.name for p in tmp_path.iterdir() if p.name != "vision.onnx")
+    assert len(scattered) == 4
+    x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+    want = module(torch.from_numpy(x)).detach().numpy()
+    _finalize(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vision.onnx", "vision.onnx.data"]
+    got = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, atol=1e-6)
