@@ -207,6 +207,13 @@ MANIFEST_SCHEMA = Obj({
         "top_p": opt(Num(0, 1)), "repetition_penalty": opt(Num(0, 1e6, nonzero=True)),
         "seed": opt(OneOf(Int(0, (1 << 63) - 1), Null())), "stop_token_ids": opt(List(TOKEN_ID, 64)),
     })),
+    "mrope": opt(Obj({     # multimodal RoPE positions (runtimes/mrope.py): the image token and its merged grid
+        "section": opt(List(Int(1, 4096), 3, 3)),
+        "image_token_id": req(TOKEN_ID),
+        "video_token_id": opt(TOKEN_ID),
+        "grid": req(List(Int(1, MAX_IMAGE_SIDE), 2, 2)),
+        "image_size": opt(List(SIZE, 2, 2)),
+    })),
     "reports": opt(Obj(extra=PATH, max_keys=64)),
     "files": req(Obj(extra=Obj({"sha256": req(Str(64, pattern="[0-9a-f]{64}")), "bytes": req(Int(0, MAX_FILE_BYTES))}),
                      max_keys=100_000)),

@@ -106,11 +106,13 @@ def finish(staged: Bundle, out: Path, target: str, precision: str, force: bool, 
 def build_bundle(model, target: str, precision: str, out, calib=None, force: bool = False, method: str = "percentile",
                  samples: int = 64, budget: float = 1.0, accept_loss: bool = False, eval_scenes: int = 200,
                  block_size: int | None = None, activations: str | None = None, threads: int | None = None, log=print,
-                 progress: bool = True, compile_options: dict | None = None, kv_cache: str = "auto") -> Bundle:
+                 progress: bool = True, compile_options: dict | None = None, kv_cache: str = "auto",
+                 image_size: tuple[int, int] | None = None) -> Bundle:
     """Export ``model``, quantize to ``precision``, compile for ``target``; -> the bundle at ``out``.
     ``activations`` (int8): "uint8" for --target onnxruntime (x86 kernels), else "int8". ``kv_cache``
     (int8 / int4 on ONNX Runtime): the lowered decoder's cache, "auto" (int8 when measured faster
-    within the accuracy gate), "int8" or "float32"."""
+    within the accuracy gate), "int8" or "float32". ``image_size`` (W, H): the fixed image size of a
+    family that resizes per image (Qwen2-VL, --image-size)."""
     from edgevl.exporters.export_cache import cached_export
 
     out = Path(out)
@@ -135,7 +137,7 @@ def build_bundle(model, target: str, precision: str, out, calib=None, force: boo
     out.parent.mkdir(parents=True, exist_ok=True)
     stage_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.build.", dir=out.parent))
     try:
-        current = cached_export(model, stage_dir / "fp32", log=log)
+        current = cached_export(model, stage_dir / "fp32", log=log, image_size=image_size)
         advance("exported")
         activations = activations or ("uint8" if target == "onnxruntime" else "int8")
         current = _quantize_stage(current, stage_dir, target, precision, calib, method, samples, budget, accept_loss,

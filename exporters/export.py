@@ -20,8 +20,8 @@ import torch
 from edgevl.bundle import Bundle, BundleWriter
 from edgevl.errors import ParityError
 from edgevl.exporters.families.base import ExportableVLM, resolve_family
-from edgevl.exporters.onnx_export import (OPSET, DecoderForExport, decoder_io_names, export_decoder,
-                                          export_embed, export_vision, io_spec)
+from edgevl.exporters.onnx_export import (OPSET, DecoderForExport, decoder_extra_inputs, decoder_io_names,
+                                          export_decoder, export_embed, export_vision, io_spec)
 from edgevl.runtimes.compare import Comparator, FnRunner, PartReport
 
 DEFAULT_ATOL = 1e-4
@@ -39,9 +39,18 @@ def sample_images(n: int = 3) -> list[np.ndarray]:
     return [make_scene("test", i, seed=12345).image() for i in range(n)]
 
 
-def load_exportable(model: str | Path) -> ExportableVLM:
+def load_exportable(model: str | Path, image_size: tuple[int, int] | None = None) -> ExportableVLM:
+    """``image_size`` (W, H): the fixed image size of a family that resizes per image (Qwen2-VL);
+    refused for families whose image size is the checkpoint's own."""
+    from edgevl.errors import UnsupportedArchitecture
+
     family, path = resolve_family(model)
-    return family().load(path)
+    if image_size is None:
+        return family().load(path)
+    if "image_size" not in getattr(family, "options", ()):
+        raise UnsupportedArchitecture(f"{model}: --image-size is not supported for the {family.name} family (its "
+                                      "image size is fixed by the checkpoint's processor); leave it out")
+    return family(image_size=tuple(image_size)).load(path)
 
 
 # -- parity ------------------------------------------------------------------------------------
@@ -76,8 +85,15 @@ def decoder_feeds(vlm: ExportableVLM, images: list[np.ndarray]) -> list[dict]:
     prefill = {"inputs_embeds": embeds.numpy(), "past_len": np.zeros(1, np.int64)}
     names_in, _ = decoder_io_names(spec.n_layers)
     prefill.update(dict(zip(names_in[2:], empty(1))))
+    delta = 0
+    if spec.mrope_section:      # 3-D positions as the runtime computes them (runtimes/mrope.py)
+        from edgevl.runtimes.mrope import MRoPEPositions
+
+        prefill["position_ids"], deltas = MRoPEPositions(vlm.manifest_extra["mrope"]).prefill(ids.numpy())
+        delta = int(deltas[0])
     with torch.no_grad():
-        out = DecoderForExport(vlm.decoder)(*[torch.from_numpy(prefill[n]) for n in names_in])
+        out = DecoderForExport(vlm.decoder)(*[torch.from_numpy(prefill[n])
+                                              for n in names_in + decoder_extra_inputs(spec)])
     cache = [c.copy() for c in (prefill[n] for n in names_in[2:])]
     for c, present in zip(cache, out[1:]):
         c[:, :, :t] = present.numpy()
@@ -86,6 +102,10 @@ def decoder_feeds(vlm: ExportableVLM, images: list[np.ndarray]) -> list[dict]:
     batch2 = {"inputs_embeds": np.concatenate([step_embed, step_embed * 0.5]),
               "past_len": np.array([t, t // 2], np.int64),
               **{n: np.concatenate([c, c]) for n, c in zip(names_in[2:], cache)}}
+    if spec.mrope_section:
+        decode["position_ids"] = np.full((3, 1, 1), t + delta, np.int64)
+        rows = np.array([t, t // 2], np.int64) + delta
+        batch2["position_ids"] = np.ascontiguousarray(np.broadcast_to(rows[None, :, None], (3, 2, 1)))
     return [prefill, decode, batch2]
 
 
@@ -98,6 +118,7 @@ def check_parts(vlm: ExportableVLM, tmp: Path, files: dict, images, atol: float)
     pixels3 = ref.pixels(images).numpy()
     ids = np.asarray([ref.input_ids(p, 1) for p in vlm.sample_prompts[:1]], np.int64)
     names_in, names_out = decoder_io_names(vlm.decoder.spec.n_layers)
+    names_in += decoder_extra_inputs(vlm.decoder.spec)
     plans = [
         ("vision", vlm.vision, ["pixel_values"], ["image_embeds"], [{"pixel_values": pixels1}, {"pixel_values": pixels3}]),
         ("embed", vlm.embed, ["input_ids"], ["inputs_embeds"], [{"input_ids": ids}]),
@@ -136,9 +157,9 @@ def check_greedy(vlm: ExportableVLM, bundle: Bundle, images, n_tokens: int = GRE
 
 # -- the command -------------------------------------------------------------------------------
 def export_model(model: str | Path, out: str | Path, force: bool = False, atol: float = DEFAULT_ATOL,
-                 check_tokens: bool = True, log=print) -> Bundle:
+                 check_tokens: bool = True, log=print, image_size: tuple[int, int] | None = None) -> Bundle:
     t_start = time.perf_counter()
-    vlm = load_exportable(model)
+    vlm = load_exportable(model, image_size)
     log(f"export: {vlm.name} ({vlm.family}, {vlm.architecture}) from {vlm.source}")
     writer = BundleWriter(out, force=force)
     try:

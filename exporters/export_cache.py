@@ -60,23 +60,24 @@ def checkpoint_hash(directory: str | Path) -> str:
     return h.hexdigest()
 
 
-def export_key(directory: Path) -> str:
+def export_key(directory: Path, image_size: tuple[int, int] | None = None) -> str:
     from edgevl import __version__
 
-    payload = json.dumps({"checkpoint": checkpoint_hash(directory), "edgevl": __version__}, sort_keys=True)
+    options = {"image_size": list(image_size)} if image_size else {}    # an option changes the export
+    payload = json.dumps({"checkpoint": checkpoint_hash(directory), "edgevl": __version__, **options}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-def cached_export(model: str | Path, fallback_out: Path, log=print):
+def cached_export(model: str | Path, fallback_out: Path, log=print, image_size: tuple[int, int] | None = None):
     """The FP32 bundle of ``model``: from the cache when it holds a verified entry, else exported
     (into the cache, or into ``fallback_out`` when the cache is off) -> Bundle."""
     from edgevl.bundle import load_bundle
     from edgevl.exporters.export import export_model
 
     if not cache_enabled():
-        return export_model(model, fallback_out, log=log)
+        return export_model(model, fallback_out, log=log, image_size=image_size)
     directory = checkpoint_dir(model)
-    entry = cache_root() / "exports" / f"{directory.name}-{export_key(directory)}"
+    entry = cache_root() / "exports" / f"{directory.name}-{export_key(directory, image_size)}"
     if entry.is_dir():
         try:
             bundle = load_bundle(entry)
@@ -86,4 +87,4 @@ def cached_export(model: str | Path, fallback_out: Path, log=print):
             log(f"export: cached export {entry} failed verification ({e}); exporting again")
             shutil.rmtree(entry, ignore_errors=True)
     entry.parent.mkdir(parents=True, exist_ok=True)
-    return export_model(model, entry, force=True, log=log)
+    return export_model(model, entry, force=True, log=log, image_size=image_size)

@@ -25,16 +25,19 @@ EXTERNAL_DATA_THRESHOLD = 2 << 30   # protobuf's 2 GB limit: bigger weights go t
 
 
 class DecoderForExport(torch.nn.Module):
-    """Flat-I/O wrapper: (inputs_embeds, past_len, past_key.0, past_value.0, ...) ->
-    (logits of the last position, present_key.0, present_value.0, ...)."""
+    """Flat-I/O wrapper: (inputs_embeds, past_len, past_key.0, past_value.0, ..., then the
+    variant inputs of ``decoder_extra_inputs``) -> (logits of the last position, present_key.0,
+    present_value.0, ...)."""
 
     def __init__(self, decoder: Decoder):
         super().__init__()
         self.decoder = decoder
 
-    def forward(self, inputs_embeds, past_len, *past):
+    def forward(self, inputs_embeds, past_len, *rest):
+        n_past = 2 * self.decoder.spec.n_layers
+        past, extra = rest[:n_past], dict(zip(decoder_extra_inputs(self.decoder.spec), rest[n_past:]))
         logits, keys, values = self.decoder(inputs_embeds, list(past[0::2]), list(past[1::2]), past_len,
-                                            last_only=True)
+                                            last_only=True, **extra)
         out = [logits[:, 0, :]]
         for k, v in zip(keys, values):
             out += [k, v]
@@ -47,6 +50,12 @@ def decoder_io_names(n_layers: int) -> tuple[list[str], list[str]]:
     return ["inputs_embeds", "past_len", *past], ["logits", *present]
 
 
+def decoder_extra_inputs(spec) -> list[str]:
+    """Graph inputs a decoder variant adds after the cache (none for the Llama graph):
+    ``position_ids`` (3, B, T) int64 for multimodal RoPE."""
+    return ["position_ids"] if spec.mrope_section else []
+
+
 def decoder_example(decoder: Decoder, batch: int = 2, seq: int = 3, capacity: int = 8):
     spec = decoder.spec
     dtype = decoder.embed_tokens.weight.dtype
@@ -54,7 +63,11 @@ def decoder_example(decoder: Decoder, batch: int = 2, seq: int = 3, capacity: in
     past_len = torch.tensor([capacity - seq, 1][:batch] + [0] * max(0, batch - 2), dtype=torch.int64)
     past = [torch.zeros(batch, spec.n_kv_heads, capacity, spec.head_dim, dtype=dtype)
             for _ in range(2 * spec.n_layers)]
-    return (embeds, past_len, *past)
+    extra = []
+    if spec.mrope_section:   # text positions, the height and width axes shifted so no two axes are equal
+        text = past_len[:, None] + torch.arange(seq)[None, :]
+        extra.append(torch.stack((text, text + 1, text + 2)))
+    return (embeds, past_len, *past, *extra)
 
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_axes,
@@ -87,9 +100,25 @@ def _unsupported_op(message: str) -> str | None:
 
 
 def _finalize(path: Path) -> None:
-    """Clamp the IR version for older runtimes; move big weights to external data."""
-    import onnx
+    """Clamp the IR version for older runtimes; move big weights to external data.
 
+    A graph past protobuf's 2 GB (e.g. Qwen2.5-VL-3B's vision tower) is written by torch with one
+    external file per tensor beside it; those are gathered into the one ``<part>.onnx.data`` file
+    every bundle part uses (the proto itself cannot be serialised whole to measure it)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    scattered = {ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)}
+    scattered.discard(path.name + ".data")
+    if scattered:
+        onnx.load_external_data_for_model(model, str(path.parent))
+        model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+        for name in scattered:
+            (path.parent / name).unlink(missing_ok=True)
+        return
     model = onnx.load(str(path), load_external_data=True)
     changed = False
     if model.ir_version > MAX_IR_VERSION:
@@ -142,9 +171,13 @@ def export_decoder(decoder: Decoder, path: Path, fuse: bool = True) -> Path:
     if fuse:
         decoder = fuse_projections(decoder)
     names_in, names_out = decoder_io_names(decoder.spec.n_layers)
-    axes = {"inputs_embeds": {0: "batch", 1: "seq"}, "past_len": {0: "batch"}, "logits": {0: "batch"}}
-    axes.update({n: {0: "batch", 2: "capacity"} for n in names_in[2:]})
+    extra = decoder_extra_inputs(decoder.spec)
+    axes = {"inputs_embeds": {0: "batch", 1: "seq"}, "past_len": {0: "batch"}, "logits": {0: "batch"},
+            "position_ids": {1: "batch", 2: "seq"}}
+    names_in = names_in + extra
+    axes.update({n: {0: "batch", 2: "capacity"} for n in names_in[2:len(names_in) - len(extra)]})
     axes.update({n: {0: "batch", 2: "seq"} for n in names_out[1:]})
+    axes = {k: v for k, v in axes.items() if k in names_in or k in names_out}
     return _export(DecoderForExport(decoder), decoder_example(decoder), path, names_in, names_out, axes, "decoder")
 
 

@@ -31,6 +31,7 @@ class DeviceKVCache:
         self.slots, self.max_capacity, self.dtype = slots, max_capacity, np.dtype(dtype)
         self.capacity = min(max(MIN_CAPACITY, _round_up_pow2(capacity)), max_capacity)
         self.length = np.zeros(slots, dtype=np.int64)
+        self.position_delta = np.zeros(slots, dtype=np.int64)   # as KVCache.position_delta
         self._buffers = [self._new_buffer(self.capacity) for _ in range(2 * n_layers)]   # k0, v0, k1, v1...
 
     # -- layout ------------------------------------------------------------------------------
@@ -139,12 +140,15 @@ class DeviceKVCache:
                                  n * self.head_dim * self.dtype.itemsize, self.n_kv_heads, self.stream)
         self.length[dst] = n
         self.length[src] = 0
+        self.position_delta[dst] = self.position_delta[src]
 
     def reset(self, slot: int | None = None) -> None:
         if slot is None:
             self.length[:] = 0
+            self.position_delta[:] = 0
         else:
             self.length[slot] = 0
+            self.position_delta[slot] = 0
 
     # -- lifetime ------------------------------------------------------------------------------
     def to_host(self):
@@ -156,6 +160,7 @@ class DeviceKVCache:
         host.keys = [k.to_host() for k in self.keys]
         host.values = [v.to_host() for v in self.values]
         host.length = self.length.copy()
+        host.position_delta = self.position_delta.copy()
         return host
 
     def close(self) -> None:

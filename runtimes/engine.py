@@ -21,6 +21,7 @@ from edgevl.bundle import Bundle
 from edgevl.errors import BackendError, BundleError, InputError
 from edgevl.prompting import render_prompt
 from edgevl.runtimes.kv_cache import KVCache
+from edgevl.runtimes.mrope import MRoPEPositions
 from edgevl.runtimes.registry import get_runner_class
 
 
@@ -105,6 +106,8 @@ class Engine:
         self.image_token_id = int(self.prompt_spec["image_token_id"])
         self.eos_ids = tuple(int(i) for i in self.tok_spec.get("eos_token_ids", []))
         self.kv_dtype = np.dtype(bundle.kv_dtype(backend))
+        # multimodal RoPE (Qwen2-VL/2.5-VL): the decoder takes 3-D positions the runtime computes
+        self.mrope = MRoPEPositions(m["mrope"]) if m.get("mrope") else None
 
     # -- parts -------------------------------------------------------------------------------
     def activate(self) -> "Engine":
@@ -120,6 +123,12 @@ class Engine:
         return [*self.runners.values(), *([self.prefill_runner] if self.prefill_runner is not None else [])]
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        fixed = self.preprocess_spec.get("fixed_size")
+        if fixed and tuple(pixels.shape[1:]) != (3, *self.preprocess_spec["size"]):
+            w, h = fixed["image_size"]
+            raise InputError(f"pixel_values of shape {tuple(pixels.shape)}: this bundle encodes one image size, "
+                             f"{w}x{h} (chosen when it was built); pass images (they are resized to it) or rebuild "
+                             f"the bundle with --image-size for another size")
         embeds = self.runners["vision"].infer({"pixel_values": pixels})["image_embeds"]
         expected = (pixels.shape[0], int(self.prompt_spec["image_seq_len"]))
         if embeds.ndim != 3 or embeds.shape[:2] != expected:
@@ -172,19 +181,24 @@ class Engine:
         cache = make(**spec) if make is not None else None
         return cache if cache is not None else KVCache(**spec)
 
-    def prefill(self, cache: KVCache, slot: int, embeds: np.ndarray) -> np.ndarray:
-        """Run a whole prompt (1, T, D) into ``slot`` (which must be empty); -> logits (V,)."""
-        return self.prefill_rows(cache, slot, embeds)[0]
+    def prefill(self, cache: KVCache, slot: int, embeds: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
+        """Run a whole prompt (1, T, D) into ``slot`` (which must be empty); -> logits (V,).
+        ``ids`` (T,): the prompt's token ids (needed by decoders with runtime positions)."""
+        return self.prefill_rows(cache, slot, embeds, None if ids is None else np.asarray(ids).reshape(1, -1))[0]
 
-    def prefill_rows(self, cache: KVCache, first: int, embeds: np.ndarray) -> np.ndarray:
+    def prefill_rows(self, cache: KVCache, first: int, embeds: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
         """Run ``k`` prompts of the same length (k, T, D) at once into the empty slots
         ``first .. first+k-1``; -> logits (k, V). One call instead of k: the scheduler uses it
-        for requests admitted together (cameras asking the same question)."""
+        for requests admitted together (cameras asking the same question). ``ids`` (k, T)."""
         rows = slice(first, first + embeds.shape[0])
         cache.ensure(int(cache.length[rows].max()) + embeds.shape[1])
         runner = self.prefill_runner if self.prefill_runner is not None and embeds.shape[1] > 1 \
             else self.runners["decoder"]
-        out = runner.infer({"inputs_embeds": embeds, **cache.feeds(rows)})
+        if ids is None and self.mrope is not None:
+            raise InputError("this bundle's decoder takes 3-D positions computed from the prompt's token ids "
+                             "(multimodal RoPE); pass ids to Engine.prefill / prefill_rows")
+        extras = {} if ids is None else self.decoder_extras(cache, rows, ids)
+        out = runner.infer({"inputs_embeds": embeds, **cache.feeds(rows), **extras})
         cache.write(out, rows)
         return out["logits"]
 
@@ -193,6 +207,19 @@ class Engine:
         rows = slice(0, n)
         cache.ensure(int(cache.length[:n].max()) + 1)
         embeds = self.embed_tokens(tokens.reshape(n, 1).astype(np.int64, copy=False))
-        out = self.runners["decoder"].infer({"inputs_embeds": embeds, **cache.feeds(rows)})
+        out = self.runners["decoder"].infer({"inputs_embeds": embeds, **cache.feeds(rows),
+                                             **self.decoder_extras(cache, rows, None)})
         cache.write(out, rows)
         return out["logits"]
+
+    def decoder_extras(self, cache: KVCache, rows: slice, ids) -> dict:
+        """The decoder inputs a variant adds beyond the cache contract, for ``rows``: ``ids`` are
+        the prompts' ids (k, T) at prefill, None at decode. Multimodal RoPE: 3-D positions from
+        the prompt, its per-sequence offset kept in the cache's slot (runtimes/mrope.py)."""
+        if self.mrope is None:
+            return {}
+        if ids is None:
+            return {"position_ids": self.mrope.decode(cache.length[rows], cache.position_delta[rows])}
+        position_ids, deltas = self.mrope.prefill(ids)
+        cache.position_delta[rows] = deltas
+        return {"position_ids": position_ids}

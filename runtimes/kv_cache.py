@@ -52,6 +52,7 @@ class KVCache:
         self.keys = [np.zeros(shape, self.dtype) for _ in range(n_layers)]
         self.values = [np.zeros(shape, self.dtype) for _ in range(n_layers)]
         self.length = np.zeros(slots, dtype=np.int64)
+        self.position_delta = np.zeros(slots, dtype=np.int64)   # multimodal RoPE: next position - length
         self._views: dict = {}
 
     @property
@@ -127,9 +128,12 @@ class KVCache:
                 arr[dst, :, :n] = arr[src, :, :n]
         self.length[dst] = n
         self.length[src] = 0
+        self.position_delta[dst] = self.position_delta[src]
 
     def reset(self, slot: int | None = None) -> None:
         if slot is None:
             self.length[:] = 0
+            self.position_delta[:] = 0
         else:
             self.length[slot] = 0
+            self.position_delta[slot] = 0

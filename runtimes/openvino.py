@@ -115,6 +115,8 @@ def _step_shapes(model) -> dict:
             shapes[port] = ov.PartialShape([1, 1, ps[2]])
         elif "past_len" in names:
             shapes[port] = ov.PartialShape([1])
+        elif "position_ids" in names:                 # multimodal RoPE (3, B, T)
+            shapes[port] = ov.PartialShape([3, 1, 1])
         else:                                         # past_key.i / past_value.i (B, KV, C, Dh)
             shapes[port] = ov.PartialShape([1, ps[1], -1, ps[3]])
     return shapes

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-FAMILIES = ("llava", "smolvlm", "idefics3", "deepseek_vl", "internvl", "blip2")
+FAMILIES = ("llava", "smolvlm", "idefics3", "deepseek_vl", "internvl", "blip2", "qwen2_vl", "qwen2_5_vl")
 
 _CORPUS = [
     "describe the image in one sentence.", "what color is the circle?", "how many shapes are there?",
@@ -249,6 +249,55 @@ def _scale_init(model, gain: float) -> None:
                 module.weight.normal_(0.0, gain / module.weight.shape[-1] ** 0.5)
 
 
+QWEN_CHAT = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+             "{% for c in message['content'] %}{% if c['type'] == 'image' %}"
+             "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}{% elif c['type'] == 'text' %}{{ c['text'] }}"
+             "{% endif %}{% endfor %}{{ '<|im_end|>\n' }}{% endfor %}"
+             "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def build_qwen_vl(out: Path, v2_5: bool = True) -> Path:
+    """Qwen2.5-VL (window attention: 2x2 merged tokens per window, blocks 1 and 3 global) or
+    Qwen2-VL, with patch 4 / merge 2 so a 32x48 image is a 4x6 grid of 24 image tokens. The
+    processor needs a video processor (torchvision), so its files are written as the hub's are."""
+    import torch
+    import transformers as tf
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+    tok = make_tokenizer(specials, bos=None, eos="<|im_end|>", add_bos=False, image_token="<|image_pad|>",
+                         video_token="<|video_pad|>", vision_bos_token="<|vision_start|>",
+                         vision_eos_token="<|vision_end|>")
+    ids = tok.convert_tokens_to_ids
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.5, bos_token_id=None,
+                eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<pad>"), tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    vision = dict(depth=4, num_heads=2, patch_size=4, spatial_merge_size=2, temporal_patch_size=2,
+                  initializer_range=0.5)
+    tokens = dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                  vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    if v2_5:
+        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=16,
+                      fullatt_block_indexes=[1, 3])
+        config = tf.Qwen2_5_VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **tokens)
+        model_cls, processor_name = tf.Qwen2_5_VLForConditionalGeneration, "Qwen2_5_VLProcessor"
+    else:
+        vision.update(embed_dim=32, mlp_ratio=2, hidden_size=64)
+        config = tf.Qwen2VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **tokens)
+        model_cls, processor_name = tf.Qwen2VLForConditionalGeneration, "Qwen2VLProcessor"
+    torch.manual_seed(6 if v2_5 else 7)
+    model = model_cls(config).eval()
+    _scale_init(model, gain=2.0)
+    _finish(model, out, ids("<|im_end|>"))
+    tf.Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16,
+                                max_pixels=64 * 64).save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": processor_name}))
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": QWEN_CHAT}))
+    return out
+
+
 def build_not_a_vlm(out: Path) -> Path:
     """A plain Llama causal LM: a real HF checkpoint that is not a VLM (must be refused)."""
     import torch
@@ -266,6 +315,8 @@ BUILDERS = {
     "deepseek_vl": build_deepseek_vl,
     "internvl": build_internvl,
     "blip2": build_blip2,
+    "qwen2_5_vl": build_qwen_vl,
+    "qwen2_vl": lambda out: build_qwen_vl(out, v2_5=False),
     "llama": build_not_a_vlm,
 }
 

@@ -55,6 +55,21 @@ def test_hub_id_resolves_from_the_offline_cache(offline_cache, tmp_path_factory)
     assert vlm.family == "deepseek_vl" and vlm.source == str(path)
 
 
+def test_qwen2_5_vl_hub_id_resolves_from_the_offline_cache(offline_cache, tmp_path_factory):
+    """The issue's example id, Qwen/Qwen2.5-VL-3B-Instruct, with a tiny Qwen2.5-VL checkpoint in its place."""
+    import hf_tiny
+
+    from edgevl.exporters.export import load_exportable
+    from edgevl.exporters.families.base import resolve_family
+
+    ckpt = hf_tiny.build("qwen2_5_vl", tmp_path_factory.mktemp("hub_src"))
+    snapshot = put_in_cache(offline_cache, "Qwen/Qwen2.5-VL-3B-Instruct", ckpt)
+    family, path = resolve_family("Qwen/Qwen2.5-VL-3B-Instruct")
+    assert family.name == "qwen2_vl" and path.resolve() == snapshot.resolve()
+    vlm = load_exportable("Qwen/Qwen2.5-VL-3B-Instruct", (48, 32))
+    assert vlm.architecture == "Qwen2_5_VLForConditionalGeneration" and vlm.pixel_shape == (3, 32, 48)
+
+
 def test_hub_id_missing_offline_says_what_to_do(offline_cache):
     from edgevl.errors import CheckpointError
     from edgevl.exporters.families.base import resolve_family

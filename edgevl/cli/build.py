@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from edgevl.cli.export import image_size
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="'edgevl-tiny', a local checkpoint directory or a Hugging Face Hub id (org/name)")
@@ -28,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=float, default=1.0, help="accuracy loss allowed vs FP32, in points (default 1.0)")
     p.add_argument("--accept-loss", action="store_true", help="write the bundle even if it breaks the budget")
     p.add_argument("--eval-scenes", type=int, default=200, help="validation scenes for the budget (default 200)")
+    p.add_argument("--image-size", type=image_size, default=None, metavar="WxH",
+                   help="the one image size the bundle encodes (Qwen2-VL/Qwen2.5-VL; see edgevl export --help)")
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--threads", type=int, default=None)
@@ -45,5 +49,6 @@ def run(args) -> int:
     build_bundle(args.model, args.target, args.precision, args.out, calib=args.calib, force=args.force,
                  method=args.method, samples=args.samples, budget=args.budget, accept_loss=args.accept_loss,
                  eval_scenes=args.eval_scenes, block_size=args.block_size, activations=args.activations,
-                 threads=args.threads, compile_options=compile_options, kv_cache=args.kv_cache)
+                 threads=args.threads, compile_options=compile_options, kv_cache=args.kv_cache,
+                 image_size=args.image_size)
     return 0

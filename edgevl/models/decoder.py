@@ -22,10 +22,19 @@ so every family keeps this one module, this I/O and this cache contract:
 q/k/v bias (Qwen2), q/k RMSNorm over each head (Qwen3, Gemma 3), norms after the attention
 and MLP too (Gemma 2/3 "sandwich"), a custom softmax scale (Gemma 3's query_pre_attn_scalar),
 GELU-tanh gated MLP (Gemma), sliding-window layers beside global ones with their own RoPE base
-(Gemma 3), and the OPT shape (LayerNorm with bias, a plain fc1 -> ReLU -> fc2 MLP, learned
-absolute positions instead of RoPE). Gemma's (1 + w) RMSNorm weight is folded into the weight
+(Gemma 3), multimodal RoPE over 3-D (temporal, height, width) positions (Qwen2-VL/2.5-VL), and
+the OPT shape (LayerNorm with bias, a plain fc1 -> ReLU -> fc2 MLP, learned absolute positions
+instead of RoPE). Gemma's (1 + w) RMSNorm weight is folded into the weight
 by the family mapping (the same product), and its embedding scale lives in the embed part.
 ``DecoderSpec.variants()`` lists the non-default fields; export records them in the manifest.
+
+**Multimodal RoPE** (``mrope_section``): each of the ``head_dim / 2`` rotary frequencies turns
+with one of three position axes: the first ``mrope_section[0]`` with the temporal position, the
+next ``mrope_section[1]`` with the height, the rest with the width (HF's order, axis ``i % 3``
+of section ``i``). The positions cannot be derived from ``past_len``: text after an image
+continues from the image block's largest position, not from its length. So this variant adds
+one graph input, ``position_ids`` int64 (3, B, T), the new tokens' positions, which the runtime
+computes (runtimes/mrope.py); the cache contract and every mask stay slot-based as before.
 """
 
 from __future__ import annotations
@@ -64,6 +73,7 @@ class DecoderSpec:
     rope_local_theta: float | None = None   # RoPE base of the sliding layers (Gemma 3); None = rope_theta
     learned_positions: int = 0              # > 0: OPT's learned position table of this size, no RoPE
     position_offset: int = 0                # OPT looks positions up at index + 2
+    mrope_section: tuple[int, ...] = ()     # multimodal RoPE: frequencies per (t, h, w) axis; () = 1-D RoPE
 
     def variants(self) -> dict:
         """The variant fields that differ from the Llama defaults (what the manifest records)."""
@@ -90,6 +100,10 @@ class DecoderSpec:
             bad.append("sliding layers without a sliding_window")
         if self.learned_positions and (self.rope_local_theta or "sliding" in self.layer_types):
             bad.append("learned positions with sliding-window RoPE layers")
+        if self.mrope_section and (sum(self.mrope_section) != self.head_dim // 2 or self.learned_positions
+                                   or self.rope_local_theta is not None):
+            bad.append(f"mrope_section={self.mrope_section} (its sizes must add up to head_dim / 2 = "
+                       f"{self.head_dim // 2}, with one RoPE table and no learned positions)")
         if self.n_heads % self.n_kv_heads:
             bad.append(f"n_heads={self.n_heads} not a multiple of n_kv_heads={self.n_kv_heads}")
         if bad:
@@ -100,7 +114,8 @@ class DecoderSpec:
 
 _CORE_FIELDS = ("hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim", "vocab_size")
 _VARIANT_FIELDS = ("qkv_bias", "qk_norm", "sandwich_norms", "attn_scale", "norm", "mlp", "activation",
-                   "sliding_window", "layer_types", "rope_local_theta", "learned_positions", "position_offset")
+                   "sliding_window", "layer_types", "rope_local_theta", "learned_positions", "position_offset",
+                   "mrope_section")
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
 
@@ -153,8 +168,10 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[..., None] * self.inv_freq       # (B, T, Dh/2)
+    def forward(self, positions: torch.Tensor, per_frequency: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T), or (B, T, Dh/2) with ``per_frequency`` (multimodal RoPE: each
+        frequency's own position)."""
+        freqs = (positions.float() if per_frequency else positions.float()[..., None]) * self.inv_freq  # (B, T, Dh/2)
         emb = torch.cat((freqs, freqs), dim=-1)                   # (B, T, Dh)
         return emb.cos()[:, None], emb.sin()[:, None]             # (B, 1, T, Dh)
 
@@ -305,6 +322,11 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
 
+def mrope_axis(section: tuple[int, ...]) -> torch.Tensor:
+    """Which position axis (0 t, 1 h, 2 w) each rotary frequency reads: section i uses axis i % 3."""
+    return torch.tensor([i % 3 for i, n in enumerate(section) for _ in range(n)], dtype=torch.int64)
+
+
 class Decoder(nn.Module):
     """inputs_embeds (B, T, D) + cache -> logits (B, T, V) and the new tokens' keys/values."""
 
@@ -321,16 +343,21 @@ class Decoder(nn.Module):
             self.rotary_local = RotaryEmbedding(spec.head_dim, spec.rope_local_theta)
         if spec.learned_positions:
             self.embed_positions = nn.Embedding(spec.learned_positions, spec.hidden_dim)
+        if spec.mrope_section:
+            self.register_buffer("mrope_axis", mrope_axis(spec.mrope_section), persistent=False)
         self.lm_head = nn.Linear(spec.hidden_dim, spec.vocab_size, bias=False)
         if spec.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def _signed(self, rotary, positions):
-        cos, sin = rotary(positions)
+    def _signed(self, rotary, positions, per_frequency: bool = False):
+        cos, sin = rotary(positions, per_frequency)
         half = self.spec.head_dim // 2
         return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
-    def forward(self, inputs_embeds, past_keys=None, past_values=None, past_len=None, last_only=False):
+    def forward(self, inputs_embeds, past_keys=None, past_values=None, past_len=None, last_only=False,
+                position_ids=None):
+        """``position_ids`` (3, B, T): the new tokens' (t, h, w) positions, used with ``mrope_section``
+        only; None there means text positions (past_len + i on all three axes)."""
         b, t, _ = inputs_embeds.shape
         device = inputs_embeds.device
         spec = self.spec
@@ -340,6 +367,9 @@ class Decoder(nn.Module):
         cos = signed_sin = None
         if spec.learned_positions:
             inputs_embeds = inputs_embeds + self.embed_positions(positions + spec.position_offset)
+        elif spec.mrope_section:
+            mrope = positions[None].expand(3, b, t) if position_ids is None else position_ids
+            cos, signed_sin = self._signed(self.rotary, mrope.permute(1, 2, 0)[..., self.mrope_axis], True)
         else:
             cos, signed_sin = self._signed(self.rotary, positions)
         rep = spec.n_heads // spec.n_kv_heads
@@ -403,7 +433,7 @@ def fuse_projections(decoder: Decoder) -> Decoder:
     stacked matrices are new tensors (the model's own stay untouched)."""
     with torch.device("meta"):
         fused = Decoder(decoder.spec, fused=True)
-    for name in ("embed_tokens", "norm", "rotary", "rotary_local", "embed_positions", "lm_head"):
+    for name in ("embed_tokens", "norm", "rotary", "rotary_local", "embed_positions", "lm_head", "mrope_axis"):
         if hasattr(decoder, name):
             setattr(fused, name, getattr(decoder, name))
     for src, dst in zip(decoder.layers, fused.layers):

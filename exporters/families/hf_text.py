@@ -25,7 +25,7 @@ import torch
 
 from edgevl.errors import ExportError, UnsupportedArchitecture
 from edgevl.exporters.families.base import EmbedPart
-from edgevl.models.decoder import Decoder, DecoderSpec, RotaryEmbedding
+from edgevl.models.decoder import Decoder, DecoderSpec, RotaryEmbedding, mrope_axis
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")   # a static inv_freq table, no attention scaling
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "relu": "relu"}
@@ -56,6 +56,10 @@ def _layer_types(c) -> tuple[str, ...]:
 def _window(c) -> dict:
     types = _layer_types(c)
     return {"layer_types": types, "sliding_window": c.sliding_window} if types else {}
+
+
+def _mrope_section(c) -> tuple[int, ...]:
+    return tuple(int(n) for n in _rope(c).get("mrope_section") or (16, 24, 24))   # HF's default
 
 
 def _gemma3_refuse(c) -> list[str]:
@@ -99,6 +103,9 @@ TEXT_MODELS: dict[str, TextModel] = {
         renames={"out_proj": "o_proj", "self_attn_layer_norm": "input_layernorm", "fc1": "mlp.up_proj",
                  "fc2": "mlp.down_proj", "final_layer_norm": "post_attention_layernorm"},
         refuse=_opt_refuse),
+    # Qwen2-VL / Qwen2.5-VL: Qwen2 with multimodal RoPE (positions from the runtime, runtimes/mrope.py)
+    "qwen2_vl_text": TextModel(lambda c: {"qkv_bias": True, "mrope_section": _mrope_section(c), **_window(c)}),
+    "qwen2_5_vl_text": TextModel(lambda c: {"qkv_bias": True, "mrope_section": _mrope_section(c), **_window(c)}),
 }
 
 
@@ -233,7 +240,9 @@ def text_to_decoder(text_model: torch.nn.Module, lm_head: torch.nn.Linear, text_
         if local:
             decoder.rotary_local = RotaryEmbedding(spec.head_dim, spec.rope_local_theta)
             decoder.rotary_local.inv_freq = _rotary_table(hf_rotary, "sliding_attention", where)
-    elif not spec.learned_positions:
+    if spec.mrope_section:
+        decoder.mrope_axis = mrope_axis(spec.mrope_section)
+    if hf_rotary is None and not spec.learned_positions:
         raise ExportError(f"{where}: the HF text model has no rotary embedding module (rotary_emb)")
     left = [n for n, p in decoder.named_parameters() if p.is_meta] + \
            [n for n, b in decoder.named_buffers() if b.is_meta]

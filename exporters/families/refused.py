@@ -13,24 +13,19 @@ from pathlib import Path
 from edgevl.errors import UnsupportedArchitecture
 from edgevl.exporters.families.base import FamilySpec, register
 
-MROPE = ("multimodal RoPE with 3-D (temporal, height, width) positions, where text after an image continues from "
-         "the image block's largest position: the decoder contract derives positions from past_len, and a position "
-         "input computed by the runtime is not built yet; the vision tower's flattened-patch input, patch merger "
-         "and (2.5) window attention are not exported either. Video input is not supported")
 BIDIRECTIONAL = ("the image block attends bidirectionally during prefill (a token_type_ids mask); edgevl's decoder "
                  "is causal everywhere, so greedy answers would differ from transformers. The Gemma 3 text decoder "
                  "itself (q/k norm, (1 + w) norms, sliding-window layers) is supported as a decoder variant; "
                  "pan-and-scan crops are not supported either")
 
 REFUSED = {
-    "qwen2_vl": (("Qwen2VLForConditionalGeneration", "qwen2_vl"), "Qwen2-VL", MROPE),
-    "qwen2_5_vl": (("Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl"), "Qwen2.5-VL", MROPE),
     "gemma3": (("Gemma3ForConditionalGeneration", "gemma3"), "Gemma 3", BIDIRECTIONAL),
     "paligemma": (("PaliGemmaForConditionalGeneration", "paligemma"), "PaliGemma",
                   "the image block and the prompt prefix attend bidirectionally during prefill; edgevl's decoder "
                   "is causal everywhere"),
 }
-ALTERNATIVE = "exportable today: InternVL (Qwen2 decoder), SmolVLM/Idefics3, LLaVA, DeepSeek-VL, BLIP-2 (OPT)"
+ALTERNATIVE = ("exportable today: Qwen2-VL/Qwen2.5-VL, InternVL (Qwen2 decoder), SmolVLM/Idefics3, LLaVA, DeepSeek-VL, "
+               "BLIP-2 (OPT)")
 
 
 def _refused_spec(key: str, architectures: tuple[str, ...], label: str, reason: str) -> type[FamilySpec]:
