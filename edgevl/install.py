@@ -128,7 +128,7 @@ def smoke_test(bundle: Bundle, backend: str | None = None) -> dict:
         engine = vlm.engine
         ids = engine.encode_prompt("describe the image", n_images=1)
         cache = engine.new_cache(slots=1, capacity=len(ids) + 8)
-        logits = engine.prefill(cache, 0, engine.merge(ids, embeds))
+        logits = engine.prefill(cache, 0, engine.merge(ids, embeds), ids)
         if not np.isfinite(logits).all():
             raise BundleError(f"smoke test on {backend}: the decoder returned non-finite logits")
         result = vlm.generate(image, "describe the image", max_new_tokens=4)

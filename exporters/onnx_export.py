@@ -25,26 +25,36 @@ EXTERNAL_DATA_THRESHOLD = 2 << 30   # protobuf's 2 GB limit: bigger weights go t
 
 
 class DecoderForExport(torch.nn.Module):
-    """Flat-I/O wrapper: (inputs_embeds, past_len, past_key.0, past_value.0, ...) ->
-    (logits of the last position, present_key.0, present_value.0, ...)."""
+    """Flat-I/O wrapper: (inputs_embeds, past_len, past_key.0, past_value.0, ..., extras) ->
+    (logits of the last position, present_key.0, present_value.0, ...). ``extras`` are the
+    inputs only some decoder variants have (``decoder_extra_inputs``), after the cache."""
 
     def __init__(self, decoder: Decoder):
         super().__init__()
         self.decoder = decoder
+        self.extras = decoder_extra_inputs(decoder.spec)
 
-    def forward(self, inputs_embeds, past_len, *past):
+    def forward(self, inputs_embeds, past_len, *rest):
+        n_past = len(rest) - len(self.extras)
+        past, extras = rest[:n_past], dict(zip(self.extras, rest[n_past:]))
         logits, keys, values = self.decoder(inputs_embeds, list(past[0::2]), list(past[1::2]), past_len,
-                                            last_only=True)
+                                            last_only=True, **extras)
         out = [logits[:, 0, :]]
         for k, v in zip(keys, values):
             out += [k, v]
         return tuple(out)
 
 
-def decoder_io_names(n_layers: int) -> tuple[list[str], list[str]]:
+def decoder_extra_inputs(spec) -> list[str]:
+    """Graph inputs a decoder variant adds after the cache; none for every other decoder, so
+    their graphs and I/O stay as they were: ``image_span`` (B, 2) int64 with image_bidirectional."""
+    return ["image_span"] if spec.image_bidirectional else []
+
+
+def decoder_io_names(n_layers: int, extras: list[str] | tuple = ()) -> tuple[list[str], list[str]]:
     past = [f"past_{kind}.{i}" for i in range(n_layers) for kind in ("key", "value")]
     present = [f"present_{kind}.{i}" for i in range(n_layers) for kind in ("key", "value")]
-    return ["inputs_embeds", "past_len", *past], ["logits", *present]
+    return ["inputs_embeds", "past_len", *past, *extras], ["logits", *present]
 
 
 def decoder_example(decoder: Decoder, batch: int = 2, seq: int = 3, capacity: int = 8):
@@ -54,7 +64,10 @@ def decoder_example(decoder: Decoder, batch: int = 2, seq: int = 3, capacity: in
     past_len = torch.tensor([capacity - seq, 1][:batch] + [0] * max(0, batch - 2), dtype=torch.int64)
     past = [torch.zeros(batch, spec.n_kv_heads, capacity, spec.head_dim, dtype=dtype)
             for _ in range(2 * spec.n_layers)]
-    return (embeds, past_len, *past)
+    extras = []
+    if spec.image_bidirectional:     # row 0: a block over its first two new tokens; the others: none
+        extras.append(torch.stack([past_len, past_len + torch.tensor([2] + [0] * (batch - 1))], dim=1))
+    return (embeds, past_len, *past, *extras)
 
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_axes,
@@ -141,9 +154,11 @@ def export_decoder(decoder: Decoder, path: Path, fuse: bool = True) -> Path:
     QAT passes False because its fake-quant modules wrap the separate projections."""
     if fuse:
         decoder = fuse_projections(decoder)
-    names_in, names_out = decoder_io_names(decoder.spec.n_layers)
+    extras = decoder_extra_inputs(decoder.spec)
+    names_in, names_out = decoder_io_names(decoder.spec.n_layers, extras)
     axes = {"inputs_embeds": {0: "batch", 1: "seq"}, "past_len": {0: "batch"}, "logits": {0: "batch"}}
-    axes.update({n: {0: "batch", 2: "capacity"} for n in names_in[2:]})
+    axes.update({n: {0: "batch", 2: "capacity"} for n in names_in[2:len(names_in) - len(extras)]})
+    axes.update({n: {0: "batch"} for n in extras})
     axes.update({n: {0: "batch", 2: "seq"} for n in names_out[1:]})
     return _export(DecoderForExport(decoder), decoder_example(decoder), path, names_in, names_out, axes, "decoder")
 

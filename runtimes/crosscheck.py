@@ -24,10 +24,12 @@ def part_feeds(engine: Engine, prompt: str = "describe the image.", n_images: in
     image_embeds = engine.encode_images(pixels[:1])
     embeds = engine.merge(ids, image_embeds)
     cache = engine.new_cache(slots=1, capacity=len(ids) + 8)
-    prefill = {"inputs_embeds": embeds, **{k: v.copy() for k, v in cache.feeds(slice(0, 1)).items()}}
-    logits = engine.prefill(cache, 0, embeds)
+    prefill = {"inputs_embeds": embeds, **{k: v.copy() for k, v in cache.feeds(slice(0, 1)).items()},
+               **engine.decoder_extras(cache, slice(0, 1), ids[None, :])}
+    logits = engine.prefill(cache, 0, embeds, ids)
     token = np.asarray([[int(np.argmax(logits))]], np.int64)
-    decode = {"inputs_embeds": engine.embed_tokens(token), **{k: v.copy() for k, v in cache.feeds(slice(0, 1)).items()}}
+    decode = {"inputs_embeds": engine.embed_tokens(token), **{k: v.copy() for k, v in cache.feeds(slice(0, 1)).items()},
+              **engine.decoder_extras(cache, slice(0, 1), None)}
     return {"vision": [{"pixel_values": pixels[:1]}, {"pixel_values": pixels}],
             "embed": [{"input_ids": ids[None, :]}],
             "decoder": [prefill, decode]}

@@ -158,19 +158,20 @@ class Engine:
         cache = make(**spec) if make is not None else None
         return cache if cache is not None else KVCache(**spec)
 
-    def prefill(self, cache: KVCache, slot: int, embeds: np.ndarray) -> np.ndarray:
-        """Run a whole prompt (1, T, D) into ``slot`` (which must be empty); -> logits (V,)."""
-        return self.prefill_rows(cache, slot, embeds)[0]
+    def prefill(self, cache: KVCache, slot: int, embeds: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
+        """Run a whole prompt (1, T, D) into ``slot`` (which must be empty); -> logits (V,).
+        ``ids``: the prompt's (T,) ids, which some decoders need (``decoder_extras``)."""
+        return self.prefill_rows(cache, slot, embeds, None if ids is None else np.asarray(ids)[None, :])[0]
 
-    def prefill_rows(self, cache: KVCache, first: int, embeds: np.ndarray) -> np.ndarray:
+    def prefill_rows(self, cache: KVCache, first: int, embeds: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
         """Run ``k`` prompts of the same length (k, T, D) at once into the empty slots
         ``first .. first+k-1``; -> logits (k, V). One call instead of k: the scheduler uses it
-        for requests admitted together (cameras asking the same question)."""
+        for requests admitted together (cameras asking the same question). ``ids``: (k, T)."""
         rows = slice(first, first + embeds.shape[0])
         cache.ensure(int(cache.length[rows].max()) + embeds.shape[1])
         runner = self.prefill_runner if self.prefill_runner is not None and embeds.shape[1] > 1 \
             else self.runners["decoder"]
-        out = runner.infer({"inputs_embeds": embeds, **cache.feeds(rows)})
+        out = runner.infer({"inputs_embeds": embeds, **cache.feeds(rows), **self.decoder_extras(cache, rows, ids)})
         cache.write(out, rows)
         return out["logits"]
 
@@ -179,6 +180,20 @@ class Engine:
         rows = slice(0, n)
         cache.ensure(int(cache.length[:n].max()) + 1)
         embeds = self.embed_tokens(tokens.reshape(n, 1).astype(np.int64, copy=False))
-        out = self.runners["decoder"].infer({"inputs_embeds": embeds, **cache.feeds(rows)})
+        out = self.runners["decoder"].infer({"inputs_embeds": embeds, **cache.feeds(rows),
+                                             **self.decoder_extras(cache, rows, None)})
         cache.write(out, rows)
         return out["logits"]
+
+    def decoder_extras(self, cache: KVCache, rows: slice, ids: np.ndarray | None) -> dict:
+        """The decoder inputs only some variants have (manifest ``decoder.variants``), for the
+        cache ``rows`` of this call: ``ids`` are the prompts' (k, T) ids at prefill, None at decode.
+        image_bidirectional (Gemma 3): ``image_span``, see runtimes/image_span.py."""
+        extras = {}
+        if (self.dec.get("variants") or {}).get("image_bidirectional"):
+            from edgevl.runtimes.image_span import prompt_spans, step_spans
+
+            lengths = cache.length[rows]
+            extras["image_span"] = step_spans(len(lengths)) if ids is None else \
+                prompt_spans(ids, self.image_token_id, lengths)
+        return extras

@@ -24,7 +24,7 @@ def stream_tokens(engine: Engine, ids: np.ndarray, image_embeds: np.ndarray | No
     rng = np.random.default_rng(params.seed)
     cache = engine.new_cache(slots=1, capacity=len(ids) + params.max_new_tokens)
     t0 = time.perf_counter()
-    logits = engine.prefill(cache, 0, engine.merge(ids, image_embeds))
+    logits = engine.prefill(cache, 0, engine.merge(ids, image_embeds), ids)
     timings["prefill"] = (time.perf_counter() - t0) * 1e3
     seen = list(ids) if params.repetition_penalty != 1.0 else None
     decode_ms: list[float] = []

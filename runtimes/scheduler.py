@@ -314,7 +314,8 @@ class Scheduler:
     def _prefill(self, group: list[Sequence]) -> None:
         first = len(self._active)
         try:
-            logits = self.engine.prefill_rows(self.cache, first, np.concatenate([s.prompt_embeds for s in group]))
+            logits = self.engine.prefill_rows(self.cache, first, np.concatenate([s.prompt_embeds for s in group]),
+                                              np.stack([s.ids for s in group]))
         except Exception as e:
             for row in range(first, first + len(group)):
                 self.cache.reset(row)
