@@ -49,8 +49,8 @@ class IgnoreEosEngine(Engine):
         logits[..., list(self.eos_ids)] = -np.inf
         return logits
 
-    def prefill(self, cache, slot, embeds):
-        return self._mask(super().prefill(cache, slot, embeds))
+    def prefill(self, cache, slot, embeds, ids=None):
+        return self._mask(super().prefill(cache, slot, embeds, ids))
 
     def decode(self, cache, n, tokens):
         return self._mask(super().decode(cache, n, tokens))

@@ -168,6 +168,9 @@ class Engine:
         ``first .. first+k-1``; -> logits (k, V). One call instead of k: the scheduler uses it
         for requests admitted together (cameras asking the same question). ``ids``: (k, T)."""
         rows = slice(first, first + embeds.shape[0])
+        if ids is None and (self.dec.get("variants") or {}).get("image_bidirectional"):
+            raise InputError("this bundle's decoder attends bidirectionally over the image block and finds it in the "
+                             "prompt ids: pass ids to Engine.prefill / prefill_rows")
         cache.ensure(int(cache.length[rows].max()) + embeds.shape[1])
         runner = self.prefill_runner if self.prefill_runner is not None and embeds.shape[1] > 1 \
             else self.runners["decoder"]

@@ -36,10 +36,10 @@ class ControlledEngine(Engine):
             logits[..., list(self.eos_ids)] = -1e30
         return logits
 
-    def prefill_rows(self, cache, first, embeds):
+    def prefill_rows(self, cache, first, embeds, ids=None):
         if self.refuse_nan_prompts and np.isnan(embeds).any():
             raise ValueError("prompt embeddings hold NaN (injected check)")
-        return self._mask(super().prefill_rows(cache, first, embeds))
+        return self._mask(super().prefill_rows(cache, first, embeds, ids))
 
     def decode(self, cache, n, tokens):
         self.decode_calls += 1
