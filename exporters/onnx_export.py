@@ -100,17 +100,29 @@ def _unsupported_op(message: str) -> str | None:
 
 
 def _finalize(path: Path) -> None:
-    """Clamp the IR version for older runtimes; move big weights to external data."""
-    import onnx
+    """Clamp the IR version for older runtimes; move big weights to external data, one file.
 
-    model = onnx.load(str(path), load_external_data=True)
+    Over protobuf's 2 GB the exporter itself writes every weight to a file of its own beside
+    the graph (a 262k x 2560 embedding, Gemma 3's, is 2.7 GB alone); those are gathered into
+    the one ``<part>.onnx.data`` file and removed. The size is summed over the weights, since
+    ``ByteSize`` cannot serialise a model past 2 GB to measure it."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    strays = {e.value for t in model.graph.initializer if uses_external_data(t)
+              for e in t.external_data if e.key == "location"} - {path.name + ".data"}
+    load_external_data_for_model(model, str(path.parent))
     changed = False
     if model.ir_version > MAX_IR_VERSION:
         model.ir_version = MAX_IR_VERSION
         changed = True
-    if model.ByteSize() > EXTERNAL_DATA_THRESHOLD or (path.with_suffix(path.suffix + ".data")).exists():
+    weights = sum(len(t.raw_data) for t in model.graph.initializer)
+    if strays or weights > EXTERNAL_DATA_THRESHOLD or (path.with_suffix(path.suffix + ".data")).exists():
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data", size_threshold=1024)
+        for name in strays:
+            (path.parent / name).unlink(missing_ok=True)
     elif changed:
         onnx.save_model(model, str(path))
 

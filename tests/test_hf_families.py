@@ -282,6 +282,9 @@ def test_gemma3_bundle_attends_bidirectionally_over_its_one_image_block(exported
     assert {"name": "image_span", "dtype": "int64", "shape": ["batch", 2]} in m["parts"]["decoder"]["inputs"]
     assert m["prompt"]["image_block"] == "\n\n<start_of_image>" + "<image_soft_token>" * 16 + "<end_of_image>\n\n"
     assert m["prompt"]["max_images"] == 1 and m["preprocess"]["pan_and_scan"]["enabled"] is False
+    from edgevl.exporters.compile.trt_profiles import compute_profiles
+    for profile in compute_profiles(m, parts=["decoder"])["decoder"]:     # TensorRT: image_span follows the batch
+        assert profile.shapes["image_span"] == tuple((*b, 2) for b in profile.shapes["past_len"]), profile.name
     ref = vlm.reference
     causal = []
     for image in two_images():
