@@ -46,7 +46,7 @@ class EdgeVLSubject(Subject):
         image_embeds = engine.encode_images(pixels)
         embeds = np.concatenate([engine.merge(ids, image_embeds[b:b + 1]) for b in range(batch)])
         cache = engine.new_cache(slots=batch, capacity=len(ids) + new_tokens)
-        tokens = engine.prefill_rows(cache, 0, embeds).argmax(-1)
+        tokens = engine.prefill_rows(cache, 0, embeds, np.stack([ids] * batch)).argmax(-1)
         t1 = time.perf_counter()
         for _ in range(new_tokens - 1):
             tokens = engine.decode(cache, batch, tokens).argmax(-1)

@@ -83,29 +83,35 @@ def decoder_feeds(vlm: ExportableVLM, images: list[np.ndarray]) -> list[dict]:
                 for _ in range(2 * spec.n_layers)]
 
     prefill = {"inputs_embeds": embeds.numpy(), "past_len": np.zeros(1, np.int64)}
-    names_in, _ = decoder_io_names(spec.n_layers)
-    prefill.update(dict(zip(names_in[2:], empty(1))))
+    extras = decoder_extra_inputs(spec)
+    names_in, _ = decoder_io_names(spec.n_layers, extras)
+    past_names = names_in[2:2 + 2 * spec.n_layers]
+    prefill.update(dict(zip(past_names, empty(1))))
     delta = 0
     if spec.mrope_section:      # 3-D positions as the runtime computes them (runtimes/mrope.py)
         from edgevl.runtimes.mrope import MRoPEPositions
 
         prefill["position_ids"], deltas = MRoPEPositions(vlm.manifest_extra["mrope"]).prefill(ids.numpy())
         delta = int(deltas[0])
+    if "image_span" in extras:      # the prompt's image block, as the runtime computes it
+        from edgevl.runtimes.image_span import prompt_spans
+        prefill["image_span"] = prompt_spans(ids.numpy(), vlm.prompt["image_token_id"], np.zeros(1, np.int64))
     with torch.no_grad():
-        out = DecoderForExport(vlm.decoder)(*[torch.from_numpy(prefill[n])
-                                              for n in names_in + decoder_extra_inputs(spec)])
-    cache = [c.copy() for c in (prefill[n] for n in names_in[2:])]
+        out = DecoderForExport(vlm.decoder)(*[torch.from_numpy(prefill[n]) for n in names_in])
+    cache = [c.copy() for c in (prefill[n] for n in past_names)]
     for c, present in zip(cache, out[1:]):
         c[:, :, :t] = present.numpy()
     step_embed = vlm.embed(torch.tensor([[int(out[0].argmax())]])).detach().numpy()
-    decode = {"inputs_embeds": step_embed, "past_len": np.array([t], np.int64), **dict(zip(names_in[2:], cache))}
+    decode = {"inputs_embeds": step_embed, "past_len": np.array([t], np.int64), **dict(zip(past_names, cache))}
     batch2 = {"inputs_embeds": np.concatenate([step_embed, step_embed * 0.5]),
               "past_len": np.array([t, t // 2], np.int64),
-              **{n: np.concatenate([c, c]) for n, c in zip(names_in[2:], cache)}}
+              **{n: np.concatenate([c, c]) for n, c in zip(past_names, cache)}}
     if spec.mrope_section:
         decode["position_ids"] = np.full((3, 1, 1), t + delta, np.int64)
         rows = np.array([t, t // 2], np.int64) + delta
         batch2["position_ids"] = np.ascontiguousarray(np.broadcast_to(rows[None, :, None], (3, 2, 1)))
+    if "image_span" in extras:      # decode steps: empty spans
+        decode["image_span"], batch2["image_span"] = np.zeros((1, 2), np.int64), np.zeros((2, 2), np.int64)
     return [prefill, decode, batch2]
 
 
@@ -117,8 +123,7 @@ def check_parts(vlm: ExportableVLM, tmp: Path, files: dict, images, atol: float)
     pixels1 = ref.pixels(images[:1]).numpy()
     pixels3 = ref.pixels(images).numpy()
     ids = np.asarray([ref.input_ids(p, 1) for p in vlm.sample_prompts[:1]], np.int64)
-    names_in, names_out = decoder_io_names(vlm.decoder.spec.n_layers)
-    names_in += decoder_extra_inputs(vlm.decoder.spec)
+    names_in, names_out = decoder_io_names(vlm.decoder.spec.n_layers, decoder_extra_inputs(vlm.decoder.spec))
     plans = [
         ("vision", vlm.vision, ["pixel_values"], ["image_embeds"], [{"pixel_values": pixels1}, {"pixel_values": pixels3}]),
         ("embed", vlm.embed, ["input_ids"], ["inputs_embeds"], [{"input_ids": ids}]),

@@ -25,35 +25,37 @@ EXTERNAL_DATA_THRESHOLD = 2 << 30   # protobuf's 2 GB limit: bigger weights go t
 
 
 class DecoderForExport(torch.nn.Module):
-    """Flat-I/O wrapper: (inputs_embeds, past_len, past_key.0, past_value.0, ..., then the
-    variant inputs of ``decoder_extra_inputs``) -> (logits of the last position, present_key.0,
-    present_value.0, ...)."""
+    """Flat-I/O wrapper: (inputs_embeds, past_len, past_key.0, past_value.0, ..., extras) ->
+    (logits of the last position, present_key.0, present_value.0, ...). ``extras`` are the
+    inputs only some decoder variants have (``decoder_extra_inputs``), after the cache."""
 
     def __init__(self, decoder: Decoder):
         super().__init__()
         self.decoder = decoder
+        self.extras = decoder_extra_inputs(decoder.spec)
 
     def forward(self, inputs_embeds, past_len, *rest):
-        n_past = 2 * self.decoder.spec.n_layers
-        past, extra = rest[:n_past], dict(zip(decoder_extra_inputs(self.decoder.spec), rest[n_past:]))
+        n_past = len(rest) - len(self.extras)
+        past, extras = rest[:n_past], dict(zip(self.extras, rest[n_past:]))
         logits, keys, values = self.decoder(inputs_embeds, list(past[0::2]), list(past[1::2]), past_len,
-                                            last_only=True, **extra)
+                                            last_only=True, **extras)
         out = [logits[:, 0, :]]
         for k, v in zip(keys, values):
             out += [k, v]
         return tuple(out)
 
 
-def decoder_io_names(n_layers: int) -> tuple[list[str], list[str]]:
+def decoder_extra_inputs(spec) -> list[str]:
+    """Graph inputs a decoder variant adds after the cache, in this order; none for every other
+    decoder, so their graphs and I/O stay as they were: ``position_ids`` (3, B, T) int64 with
+    multimodal RoPE (``mrope_section``), ``image_span`` (B, 2) int64 with ``image_bidirectional``."""
+    return (["position_ids"] if spec.mrope_section else []) + (["image_span"] if spec.image_bidirectional else [])
+
+
+def decoder_io_names(n_layers: int, extras: list[str] | tuple = ()) -> tuple[list[str], list[str]]:
     past = [f"past_{kind}.{i}" for i in range(n_layers) for kind in ("key", "value")]
     present = [f"present_{kind}.{i}" for i in range(n_layers) for kind in ("key", "value")]
-    return ["inputs_embeds", "past_len", *past], ["logits", *present]
-
-
-def decoder_extra_inputs(spec) -> list[str]:
-    """Graph inputs a decoder variant adds after the cache (none for the Llama graph):
-    ``position_ids`` (3, B, T) int64 for multimodal RoPE."""
-    return ["position_ids"] if spec.mrope_section else []
+    return ["inputs_embeds", "past_len", *past, *extras], ["logits", *present]
 
 
 def decoder_example(decoder: Decoder, batch: int = 2, seq: int = 3, capacity: int = 8):
@@ -63,11 +65,13 @@ def decoder_example(decoder: Decoder, batch: int = 2, seq: int = 3, capacity: in
     past_len = torch.tensor([capacity - seq, 1][:batch] + [0] * max(0, batch - 2), dtype=torch.int64)
     past = [torch.zeros(batch, spec.n_kv_heads, capacity, spec.head_dim, dtype=dtype)
             for _ in range(2 * spec.n_layers)]
-    extra = []
+    extras = []
     if spec.mrope_section:   # text positions, the height and width axes shifted so no two axes are equal
         text = past_len[:, None] + torch.arange(seq)[None, :]
-        extra.append(torch.stack((text, text + 1, text + 2)))
-    return (embeds, past_len, *past, *extra)
+        extras.append(torch.stack((text, text + 1, text + 2)))
+    if spec.image_bidirectional:     # row 0: a block over its first two new tokens; the others: none
+        extras.append(torch.stack([past_len, past_len + torch.tensor([2] + [0] * (batch - 1))], dim=1))
+    return (embeds, past_len, *past, *extras)
 
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_axes,
@@ -100,33 +104,29 @@ def _unsupported_op(message: str) -> str | None:
 
 
 def _finalize(path: Path) -> None:
-    """Clamp the IR version for older runtimes; move big weights to external data.
+    """Clamp the IR version for older runtimes; move big weights to external data, one file.
 
-    A graph past protobuf's 2 GB (e.g. Qwen2.5-VL-3B's vision tower) is written by torch with one
-    external file per tensor beside it; those are gathered into the one ``<part>.onnx.data`` file
-    every bundle part uses (the proto itself cannot be serialised whole to measure it)."""
+    Over protobuf's 2 GB the exporter itself writes every weight to a file of its own beside
+    the graph (a 262k x 2560 embedding, Gemma 3's, is 2.7 GB alone); those are gathered into
+    the one ``<part>.onnx.data`` file and removed. The size is summed over the weights, since
+    ``ByteSize`` cannot serialise a model past 2 GB to measure it."""
     import onnx
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
     model = onnx.load(str(path), load_external_data=False)
-    scattered = {ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)}
-    scattered.discard(path.name + ".data")
-    if scattered:
-        onnx.load_external_data_for_model(model, str(path.parent))
-        model.ir_version = min(model.ir_version, MAX_IR_VERSION)
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-        for name in scattered:
-            (path.parent / name).unlink(missing_ok=True)
-        return
-    model = onnx.load(str(path), load_external_data=True)
+    strays = {e.value for t in model.graph.initializer if uses_external_data(t)
+              for e in t.external_data if e.key == "location"} - {path.name + ".data"}
+    load_external_data_for_model(model, str(path.parent))
     changed = False
     if model.ir_version > MAX_IR_VERSION:
         model.ir_version = MAX_IR_VERSION
         changed = True
-    if model.ByteSize() > EXTERNAL_DATA_THRESHOLD or (path.with_suffix(path.suffix + ".data")).exists():
+    weights = sum(len(t.raw_data) for t in model.graph.initializer)
+    if strays or weights > EXTERNAL_DATA_THRESHOLD or (path.with_suffix(path.suffix + ".data")).exists():
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data", size_threshold=1024)
+        for name in strays:
+            (path.parent / name).unlink(missing_ok=True)
     elif changed:
         onnx.save_model(model, str(path))
 
@@ -170,12 +170,11 @@ def export_decoder(decoder: Decoder, path: Path, fuse: bool = True) -> Path:
     QAT passes False because its fake-quant modules wrap the separate projections."""
     if fuse:
         decoder = fuse_projections(decoder)
-    names_in, names_out = decoder_io_names(decoder.spec.n_layers)
-    extra = decoder_extra_inputs(decoder.spec)
+    extras = decoder_extra_inputs(decoder.spec)
+    names_in, names_out = decoder_io_names(decoder.spec.n_layers, extras)
     axes = {"inputs_embeds": {0: "batch", 1: "seq"}, "past_len": {0: "batch"}, "logits": {0: "batch"},
-            "position_ids": {1: "batch", 2: "seq"}}
-    names_in = names_in + extra
-    axes.update({n: {0: "batch", 2: "capacity"} for n in names_in[2:len(names_in) - len(extra)]})
+            "position_ids": {1: "batch", 2: "seq"}, "image_span": {0: "batch"}}
+    axes.update({n: {0: "batch", 2: "capacity"} for n in names_in[2:len(names_in) - len(extras)]})
     axes.update({n: {0: "batch", 2: "seq"} for n in names_out[1:]})
     axes = {k: v for k, v in axes.items() if k in names_in or k in names_out}
     return _export(DecoderForExport(decoder), decoder_example(decoder), path, names_in, names_out, axes, "decoder")

@@ -108,6 +108,8 @@ class Engine:
         self.kv_dtype = np.dtype(bundle.kv_dtype(backend))
         # multimodal RoPE (Qwen2-VL/2.5-VL): the decoder takes 3-D positions the runtime computes
         self.mrope = MRoPEPositions(m["mrope"]) if m.get("mrope") else None
+        # Gemma 3: the image block attends both ways at prefill (runtimes/image_span.py)
+        self.image_bidirectional = bool((self.dec.get("variants") or {}).get("image_bidirectional"))
 
     # -- parts -------------------------------------------------------------------------------
     def activate(self) -> "Engine":
@@ -183,7 +185,7 @@ class Engine:
 
     def prefill(self, cache: KVCache, slot: int, embeds: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
         """Run a whole prompt (1, T, D) into ``slot`` (which must be empty); -> logits (V,).
-        ``ids`` (T,): the prompt's token ids (needed by decoders with runtime positions)."""
+        ``ids`` (T,): the prompt's token ids, which some decoders need (``decoder_extras``)."""
         return self.prefill_rows(cache, slot, embeds, None if ids is None else np.asarray(ids).reshape(1, -1))[0]
 
     def prefill_rows(self, cache: KVCache, first: int, embeds: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
@@ -191,14 +193,16 @@ class Engine:
         ``first .. first+k-1``; -> logits (k, V). One call instead of k: the scheduler uses it
         for requests admitted together (cameras asking the same question). ``ids`` (k, T)."""
         rows = slice(first, first + embeds.shape[0])
-        cache.ensure(int(cache.length[rows].max()) + embeds.shape[1])
-        runner = self.prefill_runner if self.prefill_runner is not None and embeds.shape[1] > 1 \
-            else self.runners["decoder"]
+        if ids is None and self.image_bidirectional:
+            raise InputError("this bundle's decoder attends bidirectionally over the image block and finds it in the "
+                             "prompt ids: pass ids to Engine.prefill / prefill_rows")
         if ids is None and self.mrope is not None:
             raise InputError("this bundle's decoder takes 3-D positions computed from the prompt's token ids "
                              "(multimodal RoPE); pass ids to Engine.prefill / prefill_rows")
-        extras = {} if ids is None else self.decoder_extras(cache, rows, ids)
-        out = runner.infer({"inputs_embeds": embeds, **cache.feeds(rows), **extras})
+        cache.ensure(int(cache.length[rows].max()) + embeds.shape[1])
+        runner = self.prefill_runner if self.prefill_runner is not None and embeds.shape[1] > 1 \
+            else self.runners["decoder"]
+        out = runner.infer({"inputs_embeds": embeds, **cache.feeds(rows), **self.decoder_extras(cache, rows, ids)})
         cache.write(out, rows)
         return out["logits"]
 
@@ -212,14 +216,23 @@ class Engine:
         cache.write(out, rows)
         return out["logits"]
 
-    def decoder_extras(self, cache: KVCache, rows: slice, ids) -> dict:
-        """The decoder inputs a variant adds beyond the cache contract, for ``rows``: ``ids`` are
-        the prompts' ids (k, T) at prefill, None at decode. Multimodal RoPE: 3-D positions from
-        the prompt, its per-sequence offset kept in the cache's slot (runtimes/mrope.py)."""
-        if self.mrope is None:
-            return {}
-        if ids is None:
-            return {"position_ids": self.mrope.decode(cache.length[rows], cache.position_delta[rows])}
-        position_ids, deltas = self.mrope.prefill(ids)
-        cache.position_delta[rows] = deltas
-        return {"position_ids": position_ids}
+    def decoder_extras(self, cache: KVCache, rows: slice, ids: np.ndarray | None) -> dict:
+        """The decoder inputs only some variants have (manifest ``decoder.variants``), for the
+        cache ``rows`` of this call: ``ids`` are the prompts' (k, T) ids at prefill, None at decode.
+
+        - multimodal RoPE (Qwen2-VL/2.5-VL): ``position_ids``, 3-D positions from the prompt, its
+          per-sequence offset kept in the cache's slot (runtimes/mrope.py);
+        - image_bidirectional (Gemma 3): ``image_span``, see runtimes/image_span.py."""
+        extras = {}
+        if self.mrope is not None:
+            if ids is None:
+                extras["position_ids"] = self.mrope.decode(cache.length[rows], cache.position_delta[rows])
+            else:
+                extras["position_ids"], cache.position_delta[rows] = self.mrope.prefill(ids)
+        if self.image_bidirectional:
+            from edgevl.runtimes.image_span import prompt_spans, step_spans
+
+            lengths = cache.length[rows]
+            extras["image_span"] = step_spans(len(lengths)) if ids is None else \
+                prompt_spans(ids, self.image_token_id, lengths)
+        return extras

@@ -117,6 +117,8 @@ def _step_shapes(model) -> dict:
             shapes[port] = ov.PartialShape([1])
         elif "position_ids" in names:                 # multimodal RoPE (3, B, T)
             shapes[port] = ov.PartialShape([3, 1, 1])
+        elif "image_span" in names:                  # (B, 2), the image_bidirectional variant
+            shapes[port] = ov.PartialShape([1, 2])
         else:                                         # past_key.i / past_value.i (B, KV, C, Dh)
             shapes[port] = ov.PartialShape([1, ps[1], -1, ps[3]])
     return shapes

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-FAMILIES = ("llava", "smolvlm", "idefics3", "deepseek_vl", "internvl", "blip2", "qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("llava", "smolvlm", "idefics3", "deepseek_vl", "internvl", "blip2", "qwen2_vl", "qwen2_5_vl", "gemma3")
 
 _CORPUS = [
     "describe the image in one sentence.", "what color is the circle?", "how many shapes are there?",
@@ -238,6 +238,54 @@ def build_blip2(out: Path) -> Path:
     return out
 
 
+GEMMA_CHAT = ("{% for message in messages %}{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' "
+              "else message['role']) + '\n' }}{% for c in message['content'] %}{% if c['type'] == 'image' %}"
+              "{{ '<start_of_image>' }}{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+              "{{ '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+
+
+def build_gemma3(out: Path, pan_and_scan: bool = False) -> Path:
+    """Gemma 3: SigLIP, the pooling projector (64 patches -> 16 image tokens), a Gemma 3 decoder
+    with sliding layers (window 8, shorter than the image block) beside a global one."""
+    import torch
+    import transformers as tf
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                "<end_of_image>", "<image_soft_token>"]
+    tok = make_tokenizer(specials, bos="<bos>", eos="<eos>", add_bos=True, boi_token="<start_of_image>",
+                         eoi_token="<end_of_image>", image_token="<image_soft_token>")
+    ids = tok.convert_tokens_to_ids
+    vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   image_size=32, patch_size=4, vision_use_head=False)
+    text = tf.Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                               sliding_window=8, max_position_embeddings=512, initializer_range=0.5,
+                               layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                               bos_token_id=ids("<bos>"), eos_token_id=ids("<end_of_turn>"), pad_token_id=ids("<pad>"),
+                               tie_word_embeddings=False)
+    # untied: with Gemma's sqrt(hidden) embedding scale, a tiny tied model predicts its last token again and again
+    config = tf.Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=16,
+                             boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
+                             image_token_index=ids("<image_soft_token>"), tie_word_embeddings=False)
+    torch.manual_seed(6)
+    model = tf.Gemma3ForConditionalGeneration(config).eval()
+    _scale_init(model.model.vision_tower, gain=2.0)
+    _scale_init(model.model.language_model, gain=1.0)
+    _scale_init(model.lm_head, gain=2.0)
+    with torch.no_grad():
+        projector = model.model.multi_modal_projector
+        projector.mm_input_projection_weight.normal_(0.0, 2.0 / projector.mm_input_projection_weight.shape[0] ** 0.5)
+        for name, p in model.named_parameters():       # random (1 + w) norms
+            if "norm" in name and p.ndim == 1 and "vision" not in name:
+                p.normal_(0.0, 0.3)
+    image_processor = tf.Gemma3ImageProcessorPil(size={"height": 32, "width": 32}, do_pan_and_scan=pan_and_scan)
+    processor = tf.Gemma3Processor(image_processor=image_processor, tokenizer=tok, image_seq_length=16,
+                                   chat_template=GEMMA_CHAT)
+    _finish(model, out, ids("<end_of_turn>"))
+    processor.save_pretrained(out)
+    return out
+
+
 def _scale_init(model, gain: float) -> None:
     """Re-draw linear/conv/embedding weights as N(0, gain / sqrt(fan_in)): SigLIP's init ignores
     initializer_range, and its default leaves logits too flat for stable greedy tokens."""
@@ -317,6 +365,7 @@ BUILDERS = {
     "blip2": build_blip2,
     "qwen2_5_vl": build_qwen_vl,
     "qwen2_vl": lambda out: build_qwen_vl(out, v2_5=False),
+    "gemma3": build_gemma3,
     "llama": build_not_a_vlm,
 }
 

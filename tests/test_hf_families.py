@@ -1,4 +1,4 @@
-"""Hugging Face families (LLaVA, SmolVLM, Idefics3, DeepSeek-VL, InternVL, BLIP-2) on tiny random-weight checkpoints
+"""Hugging Face families (LLaVA, SmolVLM, Idefics3, DeepSeek-VL, InternVL, BLIP-2, Gemma 3) on tiny random-weight checkpoints
 built locally (tests/hf_tiny.py): export parity, and the runtime on ONNX Runtime and OpenVINO
 against the HF processor and the HF model's own greedy ``generate``."""
 
@@ -15,7 +15,7 @@ from conftest import BACKENDS, has_module, needs_torch
 pytestmark = [needs_torch, pytest.mark.skipif(not has_module("transformers"),
                                               reason="needs transformers: pip install edgevl[export]")]
 
-FAMILIES = ("llava", "smolvlm", "idefics3", "deepseek_vl", "internvl", "blip2")
+FAMILIES = ("llava", "smolvlm", "idefics3", "deepseek_vl", "internvl", "blip2", "gemma3")
 PROMPTS = ("describe the image.", "what color is the circle?")
 N_TOKENS = 16
 
@@ -264,3 +264,91 @@ def test_qwen2_decoder_with_qkv_bias_takes_the_lowered_onnxruntime_path(exported
     with pytest.raises(UnsupportedArchitecture, match="norm=layer"):
         lower_decoder(exported("blip2")[0], tmp_path / "blip2-lowered", log=lambda *a: None)
     assert not (tmp_path / "blip2-lowered").exists()
+
+
+def test_gemma3_bundle_attends_bidirectionally_over_its_one_image_block(exported):
+    """The manifest records the variant and the graph its image_span input; the image block is the
+    processor's; transformers' answers without the block's mask differ for some prompt (so the
+    runtime tokens equal to generate() above exercise it); two images are refused by name."""
+    import edgevl
+    from edgevl.bundle import load_bundle
+    from edgevl.errors import InputError
+
+    bundle, vlm = exported("gemma3")
+    m = load_bundle(bundle).manifest
+    variants = m["decoder"]["variants"]
+    assert variants["image_bidirectional"] is True and variants["layer_types"] == ["sliding", "full", "sliding"]
+    assert variants["embed_scale"] == pytest.approx(8.0)                      # sqrt(hidden 64)
+    assert {"name": "image_span", "dtype": "int64", "shape": ["batch", 2]} in m["parts"]["decoder"]["inputs"]
+    assert m["prompt"]["image_block"] == "\n\n<start_of_image>" + "<image_soft_token>" * 16 + "<end_of_image>\n\n"
+    assert m["prompt"]["max_images"] == 1 and m["preprocess"]["pan_and_scan"]["enabled"] is False
+    from edgevl.exporters.compile.trt_profiles import compute_profiles
+    for profile in compute_profiles(m, parts=["decoder"])["decoder"]:     # TensorRT: image_span follows the batch
+        assert profile.shapes["image_span"] == tuple((*b, 2) for b in profile.shapes["past_len"]), profile.name
+    ref = vlm.reference
+    causal = []
+    for image in two_images():
+        for prompt in PROMPTS:
+            inputs = ref.processor(text=ref.text(prompt), images=[image], return_tensors="pt", do_pan_and_scan=False)
+            n = inputs["input_ids"].shape[1]
+            inputs.pop("token_type_ids")                                         # HF then masks causally
+            out = ref.model.generate(**inputs, max_new_tokens=N_TOKENS, do_sample=False)[0, n:].tolist()
+            causal.append(out != ref.generate([image], prompt, N_TOKENS))
+    assert any(causal)
+    with edgevl.load(bundle, backend="onnxruntime", verbose=False) as model:
+        with pytest.raises(InputError, match="one image block per prompt"):
+            model.generate(two_images(), PROMPTS[0], channels="rgb", max_new_tokens=2)
+
+
+def test_gemma3_in_flight_batching_gives_each_request_its_tokens_alone(exported):
+    """Rows at different positions (prompts of different lengths, one without an image) decoded
+    together: the image span is fed per row at prefill and empty at decode, so nothing changes."""
+    import edgevl
+    from conftest import batched_and_alone
+    from edgevl.runtimes.sampling import SamplingParams
+
+    bundle, _ = exported("gemma3")
+    images = two_images()
+    with edgevl.load(bundle, backend="onnxruntime", batching=True, max_batch_size=4, verbose=False) as vlm:
+        engine = vlm.engine
+        requests = [(engine.encode_prompt(p, 1), vlm.pixels([im], "rgb")) for im in images for p in PROMPTS]
+        requests.append((engine.encode_prompt("how many shapes are there?", 0), None))
+        params = [SamplingParams(max_new_tokens=n) for n in (12, 6, 16, 9, 10)]
+        batched, alone, stats = batched_and_alone(vlm, requests, params)
+    assert batched == alone
+    assert max(stats["histograms"]["decode_batch"]) > 1
+
+
+def test_gemma3_pan_and_scan_is_refused_by_name(hf_root, tmp_path):
+    import hf_tiny
+
+    from edgevl.errors import UnsupportedArchitecture
+    from edgevl.exporters.export import export_model
+
+    ckpt = tmp_path / "gemma3-pan-and-scan"
+    shutil.copytree(hf_tiny.build("gemma3", hf_root), ckpt)
+    config = json.loads((ckpt / "processor_config.json").read_text())
+    config["image_processor"]["do_pan_and_scan"] = True
+    (ckpt / "processor_config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedArchitecture, match="Gemma 3 pan-and-scan.*do_pan_and_scan"):
+        export_model(ckpt, tmp_path / "out", log=lambda *a: None)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_gemma3_int8_build_runs_and_reports(exported, tmp_path):
+    """The `int8` composite build of the Gemma 3 bundle: calibration and the accuracy gate run the
+    decoder through the runtime (image_span fed), the report is written, the tokens run."""
+    import edgevl
+    from edgevl.exporters.quantize.composite import CompositeRecipe, composite_bundle
+
+    fp32, _ = exported("gemma3")
+    recipe = CompositeRecipe(rounds=1, answer_tokens=8, vision_candidates=("dynamic-uint8", "static-qdq"))
+    bundle = composite_bundle(fp32, tmp_path / "int8", "onnxruntime", recipe, eval_scenes=4, log=lambda *a: None)
+    m = bundle.manifest
+    assert m["precision"] == "int8" and m["decoder"]["variants"]["image_bidirectional"] is True
+    report = json.loads((bundle.path / m["reports"]["accuracy"]).read_text())
+    assert report["gate"]["passed"] and report["gate"]["image_embeds_cosine"] >= 0.99
+    with edgevl.load(bundle.path, backend="onnxruntime", verbose=False) as model:
+        result = model.generate(two_images()[0], PROMPTS[0], channels="rgb", max_new_tokens=8)
+    assert len(result.tokens) >= 1

@@ -70,6 +70,18 @@ def test_qwen2_5_vl_hub_id_resolves_from_the_offline_cache(offline_cache, tmp_pa
     assert vlm.architecture == "Qwen2_5_VLForConditionalGeneration" and vlm.pixel_shape == (3, 32, 48)
 
 
+def test_gemma3_hub_id_resolves_from_the_offline_cache(offline_cache, tmp_path_factory):
+    """``google/gemma-3-4b-it`` (its repository name, a tiny checkpoint under it) goes to the Gemma 3 family."""
+    import hf_tiny
+
+    from edgevl.exporters.families.base import resolve_family
+
+    ckpt = hf_tiny.build("gemma3", tmp_path_factory.mktemp("hub_src"))
+    snapshot = put_in_cache(offline_cache, "google/gemma-3-4b-it", ckpt)
+    family, path = resolve_family("google/gemma-3-4b-it")
+    assert family.name == "gemma3" and path.resolve() == snapshot.resolve()
+
+
 def test_hub_id_missing_offline_says_what_to_do(offline_cache):
     from edgevl.errors import CheckpointError
     from edgevl.exporters.families.base import resolve_family

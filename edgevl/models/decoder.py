@@ -22,8 +22,10 @@ so every family keeps this one module, this I/O and this cache contract:
 q/k/v bias (Qwen2), q/k RMSNorm over each head (Qwen3, Gemma 3), norms after the attention
 and MLP too (Gemma 2/3 "sandwich"), a custom softmax scale (Gemma 3's query_pre_attn_scalar),
 GELU-tanh gated MLP (Gemma), sliding-window layers beside global ones with their own RoPE base
-(Gemma 3), multimodal RoPE over 3-D (temporal, height, width) positions (Qwen2-VL/2.5-VL), and
-the OPT shape (LayerNorm with bias, a plain fc1 -> ReLU -> fc2 MLP, learned absolute positions
+(Gemma 3), bidirectional attention inside the image block (Gemma 3: ``image_bidirectional``, with
+an extra graph input, ``image_span``), multimodal RoPE over 3-D (temporal, height, width)
+positions (Qwen2-VL/2.5-VL: ``mrope_section``, with the extra input ``position_ids``), and the
+OPT shape (LayerNorm with bias, a plain fc1 -> ReLU -> fc2 MLP, learned absolute positions
 instead of RoPE). Gemma's (1 + w) RMSNorm weight is folded into the weight
 by the family mapping (the same product), and its embedding scale lives in the embed part.
 ``DecoderSpec.variants()`` lists the non-default fields; export records them in the manifest.
@@ -74,6 +76,7 @@ class DecoderSpec:
     learned_positions: int = 0              # > 0: OPT's learned position table of this size, no RoPE
     position_offset: int = 0                # OPT looks positions up at index + 2
     mrope_section: tuple[int, ...] = ()     # multimodal RoPE: frequencies per (t, h, w) axis; () = 1-D RoPE
+    image_bidirectional: bool = False       # tokens of the image block see each other (Gemma 3); input image_span
 
     def variants(self) -> dict:
         """The variant fields that differ from the Llama defaults (what the manifest records)."""
@@ -115,7 +118,7 @@ class DecoderSpec:
 _CORE_FIELDS = ("hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim", "vocab_size")
 _VARIANT_FIELDS = ("qkv_bias", "qk_norm", "sandwich_norms", "attn_scale", "norm", "mlp", "activation",
                    "sliding_window", "layer_types", "rope_local_theta", "learned_positions", "position_offset",
-                   "mrope_section")
+                   "mrope_section", "image_bidirectional")
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
 
@@ -191,7 +194,8 @@ class Step:
     t: int
     cos: torch.Tensor | None           # (B, 1, T, Dh); None with learned positions
     sin: torch.Tensor | None           # (B, 1, T, Dh), signed
-    causal_masked: torch.Tensor        # (rep*T, T) bool, True where a new token must not look
+    causal_masked: torch.Tensor        # (rep*T, T) bool, True where a new token must not look;
+                                       # (B, 1, rep*T, T) with an image block (image_bidirectional)
     past_masked: torch.Tensor | None   # (B, 1, 1, C) bool, True for cache slots not yet written
     capacity: int = 0
     cos_local: torch.Tensor | None = None
@@ -355,9 +359,11 @@ class Decoder(nn.Module):
         return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
     def forward(self, inputs_embeds, past_keys=None, past_values=None, past_len=None, last_only=False,
-                position_ids=None):
+                position_ids=None, image_span=None):
         """``position_ids`` (3, B, T): the new tokens' (t, h, w) positions, used with ``mrope_section``
-        only; None there means text positions (past_len + i on all three axes)."""
+        only; None there means text positions (past_len + i on all three axes). ``image_span``
+        (B, 2) int64, only with ``spec.image_bidirectional``: the [start, end) absolute positions
+        of the image block among this call's tokens (start == end: none)."""
         b, t, _ = inputs_embeds.shape
         device = inputs_embeds.device
         spec = self.spec
@@ -374,6 +380,12 @@ class Decoder(nn.Module):
             cos, signed_sin = self._signed(self.rotary, positions)
         rep = spec.n_heads // spec.n_kv_heads
         causal = torch.ones(t, t, dtype=torch.bool, device=device).tril().repeat(rep, 1)   # (rep*T, T)
+        new_masked = ~causal
+        if spec.image_bidirectional:
+            if image_span is None:
+                raise ValueError("this decoder attends bidirectionally inside the image block: pass image_span "
+                                 "(B, 2), [start, end) positions of the block, start == end for none")
+            new_masked = new_masked & ~self._image_block(positions, image_span, rep)
         capacity, past_masked = 0, None
         if past_keys is not None:
             capacity = past_keys[0].shape[2]
@@ -381,12 +393,12 @@ class Decoder(nn.Module):
             past_masked = ~past_valid[:, None, None, :]                      # (B, 1, 1, C)
         local = {}
         if "sliding" in spec.layer_types:
-            local = self._window_masks(positions, causal, past_masked, capacity, rep, device)
+            local = self._window_masks(positions, new_masked, past_masked, capacity, rep, device)
             if hasattr(self, "rotary_local"):
                 local["cos_local"], local["sin_local"] = self._signed(self.rotary_local, positions)
             else:
                 local["cos_local"], local["sin_local"] = cos, signed_sin
-        step = Step(b, t, cos, signed_sin, ~causal, past_masked, capacity, **local)
+        step = Step(b, t, cos, signed_sin, new_masked, past_masked, capacity, **local)
         x, new_keys, new_values = inputs_embeds, [], []
         for i, layer in enumerate(self.layers):
             pk = past_keys[i] if past_keys is not None else None
@@ -398,13 +410,23 @@ class Decoder(nn.Module):
             x = x[:, -1:, :]
         return self.lm_head(self.norm(x)), new_keys, new_values
 
-    def _window_masks(self, positions, causal, past_masked, capacity, rep, device) -> dict:
+    @staticmethod
+    def _image_block(positions, image_span, rep):
+        """(B, 1, rep*T, T) bool: query and key both inside the row's image block. HF's Gemma 3
+        ORs this into the causal mask (blockwise_overlay over token_type_ids), so a query of the
+        block also sees the block's later keys. Keys in the cache come before every new token,
+        so the causal mask already shows them: only the new tokens' mask changes."""
+        inside = (positions >= image_span[:, :1]) & (positions < image_span[:, 1:])   # (B, T)
+        return inside.repeat(1, rep)[:, None, :, None] & inside[:, None, None, :]
+
+    def _window_masks(self, positions, new_masked, past_masked, capacity, rep, device) -> dict:
         """Masks of the sliding layers: a key at position j is seen from position i only if
-        i - sliding_window < j <= i (HF's sliding_window_overlay). Cache slot s holds position s."""
+        j > i - sliding_window (HF's sliding_window_overlay), on top of the causal (or image block)
+        mask ``new_masked``, as HF's AND(window, OR(causal, block)). Cache slot s holds position s."""
         window = self.spec.sliding_window
         q_pos = positions.repeat(1, rep)[:, None, :, None]                        # (B, 1, rep*T, 1)
         new_pos = positions[:, None, None, :]                                     # (B, 1, 1, T)
-        out = {"causal_masked_local": ~causal | (new_pos <= q_pos - window)}      # (B, 1, rep*T, T)
+        out = {"causal_masked_local": new_masked | (new_pos <= q_pos - window)}   # (B, 1, rep*T, T)
         if past_masked is not None:
             slots = torch.arange(capacity, device=device)[None, None, None, :]
             out["past_masked_local"] = past_masked | (slots <= q_pos - window)   # (B, 1, rep*T, C)

@@ -91,14 +91,16 @@ class HFFamilySpec(FamilySpec):
     def assemble(self, path: Path, where: str, arch: str, model, config, ref: "HFReference", *,
                  vision: torch.nn.Module, text_model: torch.nn.Module, size: tuple[int, int], preprocess: dict,
                  hf_features, check_batch: int = 2, image_token_id: int | None = None,
-                 lm_head: torch.nn.Module | None = None, manifest_extra: dict | None = None) -> ExportableVLM:
+                 lm_head: torch.nn.Module | None = None, manifest_extra: dict | None = None,
+                 decoder_variants: dict | None = None) -> ExportableVLM:
         """What every HF family does once its own parts exist: the text model as edgevl's
         Decoder, the prompt spec derived and proved against the processor, the vision part
         checked against the HF model's image features, and the ExportableVLM."""
         from edgevl.exporters.families.hf_text import embed_part, text_to_decoder
 
         text = config.text_config
-        decoder = text_to_decoder(text_model, model.lm_head if lm_head is None else lm_head, text, where)
+        decoder = text_to_decoder(text_model, model.lm_head if lm_head is None else lm_head, text, where,
+                                  decoder_variants)
         token_id = config.image_token_id if image_token_id is None else image_token_id
         prompt, add_special, tokenizer_file = derive_prompt(ref, path, token_id, size, text.bos_token_id)
         check_vision(where, vision.eval(), hf_features, torch.randn(check_batch, 3, *size), prompt["image_seq_len"])

@@ -18,6 +18,7 @@ before the weights are read.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -212,15 +213,19 @@ def _rotary_table(hf_rotary, layer_type: str | None, where: str) -> torch.Tensor
     return inv.detach().float().clone()
 
 
-def text_to_decoder(text_model: torch.nn.Module, lm_head: torch.nn.Linear, text_config, where: str) -> Decoder:
+def text_to_decoder(text_model: torch.nn.Module, lm_head: torch.nn.Linear, text_config, where: str,
+                    variants: dict | None = None) -> Decoder:
     """An HF text model (``LlamaModel``, ``Qwen2Model``, ``Gemma3TextModel``, ``OPTDecoder``...)
-    + its LM head as an edgevl ``Decoder`` sharing the same tensors."""
+    + its LM head as an edgevl ``Decoder`` sharing the same tensors. ``variants``: decoder
+    fields the VLM sets rather than its text config (Gemma 3's image_bidirectional)."""
     kind = text_model_kind(text_config, where)
     tied = lm_head.weight is text_model.embed_tokens.weight or (
         lm_head.weight.data_ptr() == text_model.embed_tokens.weight.data_ptr())
     if getattr(lm_head, "bias", None) is not None:
         raise UnsupportedArchitecture(f"{where}: an LM head with a bias is not supported")
     spec = decoder_spec(text_config, tied, where)
+    if variants:
+        spec = dataclasses.replace(spec, **variants).validate()
     with torch.device("meta"):
         decoder = Decoder(spec)
     for name, param in text_model.named_parameters():

@@ -13,19 +13,16 @@ from pathlib import Path
 from edgevl.errors import UnsupportedArchitecture
 from edgevl.exporters.families.base import FamilySpec, register
 
-BIDIRECTIONAL = ("the image block attends bidirectionally during prefill (a token_type_ids mask); edgevl's decoder "
-                 "is causal everywhere, so greedy answers would differ from transformers. The Gemma 3 text decoder "
-                 "itself (q/k norm, (1 + w) norms, sliding-window layers) is supported as a decoder variant; "
-                 "pan-and-scan crops are not supported either")
+PREFIX_LM = ("the image block and the whole text prompt attend bidirectionally during prefill (a prefix-LM mask "
+             "over everything before the answer), while edgevl's image_span decoder input marks only the image block "
+             "(Gemma 3); its Gemma 2 decoder (PaliGemma 2) also uses logit soft-capping, which edgevl's decoder does "
+             "not compute")
 
 REFUSED = {
-    "gemma3": (("Gemma3ForConditionalGeneration", "gemma3"), "Gemma 3", BIDIRECTIONAL),
-    "paligemma": (("PaliGemmaForConditionalGeneration", "paligemma"), "PaliGemma",
-                  "the image block and the prompt prefix attend bidirectionally during prefill; edgevl's decoder "
-                  "is causal everywhere"),
+    "paligemma": (("PaliGemmaForConditionalGeneration", "paligemma"), "PaliGemma", PREFIX_LM),
 }
-ALTERNATIVE = ("exportable today: Qwen2-VL/Qwen2.5-VL, InternVL (Qwen2 decoder), SmolVLM/Idefics3, LLaVA, DeepSeek-VL, "
-               "BLIP-2 (OPT)")
+ALTERNATIVE = ("exportable today: Qwen2-VL/Qwen2.5-VL, Gemma 3, InternVL (Qwen2 decoder), SmolVLM/Idefics3, LLaVA, "
+               "DeepSeek-VL, BLIP-2 (OPT)")
 
 
 def _refused_spec(key: str, architectures: tuple[str, ...], label: str, reason: str) -> type[FamilySpec]:

@@ -40,7 +40,8 @@ def decoder_args(feed: dict, n_layers: int):
     t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feed.items()}
     keys = [t[f"past_key.{i}"] for i in range(n_layers)]
     values = [t[f"past_value.{i}"] for i in range(n_layers)]
-    return (t["inputs_embeds"], keys, values, t["past_len"], True)
+    args = (t["inputs_embeds"], keys, values, t["past_len"], True)
+    return args + (t["image_span"],) if "image_span" in t else args      # an image_bidirectional decoder
 
 
 def fake_quantize(vision, decoder, feeds: dict, recipe: QATRecipe):
