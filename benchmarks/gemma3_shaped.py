@@ -1,5 +1,6 @@
 """Scale check for the Gemma 3 family: a Gemma-3-4B-shaped random-weight checkpoint, exported,
-then one answer timed through the bundle (ONNX Runtime, FP32) and through transformers (eager).
+its decoder quantized (int8 weight-only, ONNX Runtime), then one answer timed through both
+bundles (ONNX Runtime) and through transformers (eager).
 
     flock /tmp/edgevl-heavy.lock nice -n 19 python benchmarks/gemma3_shaped.py \
         --cache ~/.cache/edgevl-bench --json-out benchmarks/results/gemma3_shaped.json
@@ -115,20 +116,24 @@ def peak_rss_mb_since_exec() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
 
 
-def time_answers(checkpoint: Path, bundle: Path, new_tokens: int) -> dict:
-    """One answer (image + PROMPT, greedy, ``new_tokens`` at most) through the bundle on ONNX Runtime,
-    then through transformers eager; a short warm-up run of each first. Returns seconds and tokens."""
+def time_answers(checkpoint: Path, bundle: Path, new_tokens: int, quantized: Path | None = None) -> dict:
+    """One answer (image + PROMPT, greedy, ``new_tokens`` at most) through the bundle on ONNX Runtime
+    (and the ``quantized`` one), then through transformers eager; a short warm-up run of each first.
+    Returns seconds and tokens."""
     import edgevl
     from edgevl.data.world import make_scene
 
     image = make_scene("test", 0, seed=12345).image()
     out = {}
-    with edgevl.load(bundle, backend="onnxruntime", verbose=False) as vlm:
-        vlm.generate(image, PROMPT, channels="rgb", max_new_tokens=2)
-        t = time.perf_counter()
-        result = vlm.generate(image, PROMPT, channels="rgb", max_new_tokens=new_tokens)
-        out["edgevl_onnxruntime_fp32"] = {"seconds": round(time.perf_counter() - t, 2), "tokens": result.tokens,
-                                          "prompt_tokens": result.prompt_tokens, "timings_ms": result.timings_ms}
+    for key, path in (("edgevl_onnxruntime_fp32", bundle), ("edgevl_onnxruntime_int8_wo", quantized)):
+        if path is None:
+            continue
+        with edgevl.load(path, backend="onnxruntime", verbose=False) as vlm:
+            vlm.generate(image, PROMPT, channels="rgb", max_new_tokens=2)
+            t = time.perf_counter()
+            result = vlm.generate(image, PROMPT, channels="rgb", max_new_tokens=new_tokens)
+            out[key] = {"seconds": round(time.perf_counter() - t, 2), "tokens": result.tokens,
+                        "prompt_tokens": result.prompt_tokens, "timings_ms": result.timings_ms}
     out["edgevl_peak_rss_mb"] = peak_rss_mb_since_exec()
 
     import torch
@@ -155,8 +160,34 @@ def time_answers(checkpoint: Path, bundle: Path, new_tokens: int) -> dict:
     tokens = hf(new_tokens)
     out["transformers_eager_fp32"] = {"seconds": round(time.perf_counter() - t, 2), "tokens": tokens}
     out["identical_tokens"] = tokens == out["edgevl_onnxruntime_fp32"]["tokens"]
+    if "edgevl_onnxruntime_int8_wo" in out:
+        out["int8_wo_tokens_identical_to_fp32"] = out["edgevl_onnxruntime_int8_wo"]["tokens"] == tokens
     out["peak_rss_mb_edgevl_then_transformers"] = peak_rss_mb_since_exec()
     return out
+
+
+def quantize(fp32: Path, out: Path, eval_scenes: int = 2) -> dict:
+    """The decoder's weights to INT8 (MatMulNBits, ONNX Runtime: the ``int8-wo`` recipe) in this
+    process, with the bundle's accuracy report against the FP32 bundle -> seconds, peak RSS, size,
+    the decoder's logits agreement and the answers' agreement."""
+    from edgevl.bundle import load_bundle
+    from edgevl.exporters.build import finish
+    from edgevl.exporters.quantize.recipes import WeightOnlyRecipe, default_block_size, weight_only_backends
+    from edgevl.exporters.quantize.weight_only import weight_only_bundle
+
+    t0 = time.perf_counter()
+    log = lambda *a: print(*a, file=sys.stderr)  # noqa: E731
+    backends = weight_only_backends("onnxruntime")
+    recipe = WeightOnlyRecipe(bits=8, block_size=default_block_size(backends), backends=backends)
+    staged = weight_only_bundle(load_bundle(fp32), out.parent / ".wo-stage", recipe, force=True,
+                                eval_scenes=eval_scenes, accept_loss=True, log=log)
+    bundle = finish(staged, out, "onnxruntime", "int8-wo", True, log)
+    report = bundle.report("accuracy") or {}
+    return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": peak_rss_mb_since_exec(),
+            "bundle": str(bundle.path), "method": f"weight-only INT8 MatMulNBits, blocks of {recipe.block_size}",
+            "bundle_mb": round(sum(f["bytes"] for f in bundle.manifest["files"].values()) / 1e6, 1),
+            "decoder_vs_fp32": report.get("parts", {}).get("decoder", {}).get("onnxruntime"),
+            "answers_vs_fp32": report.get("tasks", {}).get("backends", {}).get("onnxruntime")}
 
 
 def main(argv=None) -> dict:
@@ -168,10 +199,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="small widths: a quick check of the script")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--export-greedy", action="store_true", help="also run the export's greedy-token check")
-    parser.add_argument("--time-only", type=Path, nargs=2, metavar=("CHECKPOINT", "BUNDLE"), help=argparse.SUPPRESS)
+    parser.add_argument("--no-quantize", action="store_true", help="skip the int8 weight-only build and its answer")
+    parser.add_argument("--time-only", type=Path, nargs="+", metavar="PATH", help=argparse.SUPPRESS)
+    parser.add_argument("--quantize-only", type=Path, nargs=2, metavar=("FP32", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.time_only:
-        print(json.dumps(time_answers(*args.time_only, args.new_tokens)))
+        print(json.dumps(time_answers(*args.time_only[:2], args.new_tokens, *args.time_only[2:])))
+        return {}
+    if args.quantize_only:
+        print(json.dumps(quantize(*args.quantize_only)))
         return {}
 
     from edgevl.benchmarks.machine import machine_info
@@ -190,12 +226,19 @@ def main(argv=None) -> dict:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     parity = bundle.report("parity") or {}
     files = bundle.manifest["files"]
+    quantized = None
+    if not args.no_quantize:           # its own process: its peak RSS is the build's alone
+        run = subprocess.run([sys.executable, __file__, "--quantize-only", str(bundle.path), str(out) + "-int8-wo"],
+                             check=True, capture_output=True, text=True)
+        quantized = json.loads(run.stdout.strip().splitlines()[-1])
     timed = subprocess.run([sys.executable, __file__, "--time-only", str(ckpt), str(bundle.path),
-                            "--new-tokens", str(args.new_tokens)], check=True, capture_output=True, text=True)
+                            *([quantized["bundle"]] if quantized else []), "--new-tokens", str(args.new_tokens)],
+                           check=True, capture_output=True, text=True)
     speed = json.loads(timed.stdout.strip().splitlines()[-1])
     result = {
         "benchmark": f"gemma3-4b-shaped ({'tiny widths' if args.tiny else 'real widths'}, {args.layers} decoder "
-                     "layers): export (fp32) and one answer, edgevl ONNX Runtime vs transformers eager",
+                     "layers): export (fp32), int8 weight-only decoder, one answer each, edgevl ONNX Runtime vs "
+                     "transformers eager",
         "checkpoint": str(ckpt), "checkpoint_build_seconds": build_s, "bundle": str(bundle.path),
         "decoder_layers": args.layers, "decoder_layers_real_model": 34,
         "export_seconds": round(seconds, 1),
@@ -207,6 +250,7 @@ def main(argv=None) -> dict:
         "onnx_mb": {rel: round(f["bytes"] / 1e6, 1) for rel, f in files.items() if rel.endswith((".onnx", ".data"))},
         "parity_max_abs": {p["part"]: max(o["max_abs"] for o in p["outputs"]) for p in parity.get("parts", [])},
         "greedy_identical": f"{sum(g['match'] for g in parity.get('greedy', []))}/{len(parity.get('greedy', []))}",
+        "int8_wo_build": quantized,
         "answer": speed,
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
@@ -215,10 +259,9 @@ def main(argv=None) -> dict:
     text = json.dumps(result, indent=2)
     print(text)
     if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json_out.with_suffix(args.json_out.suffix + ".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, args.json_out)
+        from edgevl.benchmarks.batching import atomic_write
+
+        atomic_write(args.json_out, text + "\n")
     return result
 
 

@@ -197,8 +197,9 @@ def main(argv=None) -> dict:
     text = json.dumps(result, indent=2)
     print(text)
     if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text + "\n")
+        from edgevl.benchmarks.batching import atomic_write
+
+        atomic_write(args.json_out, text + "\n")
     return result
 
 

@@ -80,10 +80,9 @@ def main(argv=None) -> dict:
     text = json.dumps(result, indent=2)
     print(text)
     if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json_out.with_suffix(args.json_out.suffix + ".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, args.json_out)
+        from edgevl.benchmarks.batching import atomic_write
+
+        atomic_write(args.json_out, text + "\n")
     return result
 
 
