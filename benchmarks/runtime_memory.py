@@ -40,6 +40,18 @@ def measure(bundle: str, precision: str, answers: int) -> dict:
     return {"bundle": bundle, "precision": precision, "answers": answers, "after_load": loaded, "after_answers": _status()}
 
 
+def render(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"edgevl {result['edgevl']} runtime, ONNX Runtime, 2 threads; each bundle in a process of its own, "
+             f"{result['rows'][0]['answers']} answers of 32 tokens to one 512x512 image. Machine: {m['cpu']}, "
+             f"{m['cores']} cores, flags {' '.join(m['flags'])}, {m['memory_gb']} GB.", "",
+             "| bundle | precision | RSS after load MB | peak after load MB | peak after answers MB |",
+             "|---|---|---:|---:|---:|"]
+    lines += [f"| {Path(r['bundle']).name} | {r['precision']} | {r['after_load']['VmRSS']:.0f} | "
+              f"{r['after_load']['VmHWM']:.0f} | {r['after_answers']['VmHWM']:.0f} |" for r in result["rows"]]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("bundles", nargs="*")
@@ -62,12 +74,10 @@ def main(argv=None) -> dict:
                               "--answers", str(args.answers)], check=True, capture_output=True, text=True)
         rows.append(json.loads(run.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), file=sys.stderr)
-    result = {"benchmark": "runtime_memory", "rows": rows, "machine": machine_info()}
-    lines = ["| bundle | precision | RSS after load MB | peak after load MB | peak after answers MB |",
-             "|---|---|---:|---:|---:|"]
-    lines += [f"| {Path(r['bundle']).name} | {r['precision']} | {r['after_load']['VmRSS']:.0f} | "
-              f"{r['after_load']['VmHWM']:.0f} | {r['after_answers']['VmHWM']:.0f} |" for r in rows]
-    text = "\n".join(lines)
+    from edgevl import __version__
+
+    result = {"benchmark": "runtime_memory", "edgevl": __version__, "rows": rows, "machine": machine_info()}
+    text = render(result)
     print(text)
     if args.json_out:
         atomic_write(args.json_out, json.dumps(result, indent=2) + "\n")
