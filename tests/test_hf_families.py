@@ -243,6 +243,29 @@ def test_blip2_int8_build_runs_and_reports(exported, tmp_path):
     assert len(result.tokens) >= 1
 
 
+@pytest.mark.slow
+def test_internvl_int8_build_runs_and_reports(exported, tmp_path):
+    """The `int8` composite build of InternVL: its Qwen2 decoder (q/k/v bias) is lowerable, so the
+    lowered candidates are timed beside the portable ones; the accuracy report passes its gate and
+    the bundle answers through the runtime."""
+    import edgevl
+    from edgevl.exporters.quantize.composite import CompositeRecipe, composite_bundle
+
+    fp32, _ = exported("internvl")
+    recipe = CompositeRecipe(rounds=1, answer_tokens=8, vision_candidates=("dynamic-uint8", "static-qdq"),
+                             kv_calib_prompts=2)
+    bundle = composite_bundle(fp32, tmp_path / "int8", "onnxruntime", recipe, eval_scenes=4, log=lambda *a: None)
+    m = bundle.manifest
+    assert m["precision"] == "int8" and m["decoder"]["variants"]["qkv_bias"] is True
+    candidates = m["quantization"]["selection"]["decoder"]["candidates"]
+    assert any(name.endswith("-lowered") for name in candidates) and any("lowered" not in n for n in candidates)
+    report = json.loads((bundle.path / m["reports"]["accuracy"]).read_text())
+    assert report["gate"]["passed"] and report["gate"]["image_embeds_cosine"] >= 0.99
+    with edgevl.load(bundle.path, backend="onnxruntime", verbose=False) as model:
+        result = model.generate(two_images()[0], PROMPTS[0], channels="rgb", max_new_tokens=8)
+    assert len(result.tokens) >= 1
+
+
 def test_qwen2_decoder_with_qkv_bias_takes_the_lowered_onnxruntime_path(exported, tmp_path):
     """InternVL's Qwen2 decoder (q/k/v bias, the variant the lowering reads) lowers to ONNX
     Runtime's fused operators and still answers like transformers; a variant the lowering does
