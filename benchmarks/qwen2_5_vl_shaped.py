@@ -172,6 +172,7 @@ def main(argv=None) -> dict:
         print("RESULT " + json.dumps(stage(args.stage, args)))
         return {}
     from edgevl.benchmarks.machine import machine_info
+    from edgevl.benchmarks.shaped import emit
 
     env = dict(os.environ)
     result = {"benchmark": f"{NAME}: Qwen2.5-VL-3B vision tower and decoder widths, {LAYERS} of 36 decoder layers, "
@@ -194,13 +195,7 @@ def main(argv=None) -> dict:
                 s[row]["speedup_vs_transformers_eager"] = round(hf_s / s[row]["end_to_end_s"], 2)
                 s[row]["tokens_equal_transformers"] = s[row]["tokens"] == s["transformers"]["tokens"]
     result["machine"] = machine_info()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json_out:
-        from edgevl.benchmarks.batching import atomic_write
-
-        atomic_write(args.json_out, text + "\n")
-    return result
+    return emit(result, args.json_out)
 
 
 if __name__ == "__main__":

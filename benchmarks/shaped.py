@@ -78,3 +78,23 @@ def cached_checkpoint(root: str | Path, name: str, version: int, build: Callable
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def parity_facts(parity: dict) -> dict:
+    """The export's parity report in a shaped result: worst max abs diff per part, greedy matches."""
+    greedy = parity.get("greedy", [])
+    return {"parity_max_abs": {p["part"]: max(o["max_abs"] for o in p["outputs"]) for p in parity.get("parts", [])},
+            "greedy_identical": f"{sum(g['match'] for g in greedy)}/{len(greedy)}"}
+
+
+def emit(result: dict, json_out: Path | None) -> dict:
+    """Print a shaped benchmark's result as JSON and write it atomically to ``json_out``, if given."""
+    import json
+
+    from edgevl.benchmarks.batching import atomic_write
+
+    text = json.dumps(result, indent=2)
+    print(text)
+    if json_out:
+        atomic_write(Path(json_out), text + "\n")
+    return result

@@ -14,7 +14,6 @@ the bundle vs transformers' ``generate``, and the atomic bundle write.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import subprocess
@@ -48,6 +47,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     from edgevl.benchmarks.machine import machine_info
+    from edgevl.benchmarks.shaped import emit, parity_facts
 
     ckpt, build_s = (args.checkpoint, None) if args.checkpoint else ensure_checkpoint(args.cache)
     out = args.out or args.cache / "bundles" / "smolvlm-256m-shaped"
@@ -71,19 +71,12 @@ def main(argv=None) -> dict:
         "peak_rss_mb": round(peak_mb, 1),
         "bundle_mb": round(sum(f["bytes"] for f in files.values()) / 1e6, 1),
         "onnx_mb": {rel: round(f["bytes"] / 1e6, 1) for rel, f in files.items() if rel.endswith((".onnx", ".data"))},
-        "parity_max_abs": {p["part"]: max(o["max_abs"] for o in p["outputs"]) for p in parity.get("parts", [])},
-        "greedy_identical": f"{sum(g['match'] for g in parity.get('greedy', []))}/{len(parity.get('greedy', []))}",
+        **parity_facts(parity),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "machine": machine_info(),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json_out:
-        from edgevl.benchmarks.batching import atomic_write
-
-        atomic_write(args.json_out, text + "\n")
-    return result
+    return emit(result, args.json_out)
 
 
 if __name__ == "__main__":
