@@ -6,8 +6,8 @@
 
 Load: ``--clients`` threads each ask for streamed answers back to back for ``--duration`` s,
 first through ``edgevl.load(..., batching=True)`` in this process (``VLM.stream``), then over
-HTTP against an ``edgevl serve`` subprocess (raw http.client reading server-sent events, so the
-load generator stays light). Reported per phase: tokens/s, requests/s, p50/p99 time to first
+HTTP against an ``edgevl serve`` subprocess (raw http.client reading server-sent events on one
+kept-alive connection per client, so the load generator stays light). Reported per phase: tokens/s, requests/s, p50/p99 time to first
 token and latency, responses by status. Pass: HTTP throughput >= 90% of in-process, and every
 response a 2xx (or, in the soak, a documented error: 400, 429, 504, or a client's own disconnect).
 
@@ -108,37 +108,51 @@ def in_process(bundle: Path, clients: int, duration: float, max_tokens: int, ima
         return summarize("in-process scheduler", *run_clients(clients, duration, one))
 
 
+_connections = threading.local()
+
+
 def http_stream(port: int, body: dict, abandon: bool = False) -> tuple[str, float | None, float, int]:
+    """One request on this client thread's kept-alive connection (as the openai client's pool
+    does); a stream the client abandons closes its connection, and the next request opens one.
+    Only the usage and error events are parsed as JSON: the load generator shares the cores."""
     t0, first, n = time.monotonic(), None, 0
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn = getattr(_connections, "conn", None)
+    if conn is None:
+        conn = _connections.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    keep = False
     try:
         conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
         r = conn.getresponse()
         if r.status != 200:
             r.read()
+            keep = not r.will_close
             return str(r.status), None, time.monotonic() - t0, 0
         if not body.get("stream"):
             usage = json.loads(r.read())["usage"]["completion_tokens"]
+            keep = not r.will_close
             return "200", None, time.monotonic() - t0, usage
         while line := r.readline():
             if not line.startswith(b"data: {"):
                 if line.startswith(b"data: [DONE]"):
+                    r.read()                     # the end of the chunked body: the connection is reusable
+                    keep = not r.will_close
                     break
                 continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                return f"stream-error:{chunk['error']['code']}", first, time.monotonic() - t0, n
-            if chunk.get("usage"):
-                n = chunk["usage"]["completion_tokens"]
-            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                first = first or time.monotonic() - t0
+            if line.startswith(b'data: {"error"'):
+                return f"stream-error:{json.loads(line[6:])['error']['code']}", first, time.monotonic() - t0, n
+            if b'"usage":{' in line:
+                n = json.loads(line[6:])["usage"]["completion_tokens"]
+            elif first is None and b'"delta":{"content":"' in line and b'"delta":{"content":""' not in line:
+                first = time.monotonic() - t0
                 if abandon:
                     return "disconnect", first, time.monotonic() - t0, 0
         return "200", first, time.monotonic() - t0, n
     except OSError as e:
         return f"oserror:{type(e).__name__}", None, time.monotonic() - t0, 0
     finally:
-        conn.close()
+        if not keep:
+            conn.close()
+            _connections.conn = None
 
 
 def start_server(bundle: Path, clients: int, extra: list[str]) -> tuple[subprocess.Popen, int]:

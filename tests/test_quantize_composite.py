@@ -81,12 +81,11 @@ def test_int8_onnxruntime_records_each_part_and_keeps_the_fastest_gated_candidat
     if chosen.endswith("-lowered"):
         ops = {n.op_type for n in onnx.load(str(lowered)).graph.node}
         assert "GroupQueryAttention" in ops and m["parts"]["decoder"]["lowered"]["onnxruntime"]["nodes"] > 0
-        # the KV cache's type was measured too: int8 only when within the gate and faster at a long cache
+        # the KV cache's type was measured too: int8 only when within the gate and a step costs less,
+        # summed over the answer's own position and a long cache
         kv = q["decoder"]["tools"]["kv_cache"]
-        long_pos = str(max(int(p) for p in kv["step_ms"]))
-        at_long = kv["step_ms"][long_pos]
-        rule = kv["cosine"] >= q["selection"]["decoder"]["min_cosine"] and at_long["int8"] < at_long["float32"] and \
-            all(t["int8"] <= 1.02 * t["float32"] for t in kv["step_ms"].values())
+        rule = kv["cosine"] >= q["selection"]["decoder"]["min_cosine"] and \
+            sum(t["int8"] for t in kv["step_ms"].values()) < sum(t["float32"] for t in kv["step_ms"].values())
         assert kv["kept"] == rule and kv["calibration_positions"] > 0
         assert (m["parts"]["decoder"].get("kv_cache") == {"onnxruntime": "int8"}) == kv["kept"]
         cache_types = {i.type.tensor_type.elem_type for i in onnx.load(str(lowered), load_external_data=False).graph.input

@@ -107,6 +107,68 @@ def test_openai_client_streaming(live, reference):
     assert chunks[-1].usage.completion_tokens == len(want.tokens) and chunks[-1].usage.prompt_tokens == want.prompt_tokens
 
 
+def test_content_chunk_template_is_the_chunk_byte_for_byte():
+    from edgevl.serving import openai_schema as oa
+    from edgevl.serving.app import _ContentChunks, _sse
+
+    chat = oa.parse_chat_request({"messages": user("hi"), "stream": True})
+    render = _ContentChunks(chat, "edgevl-tiny")
+    for piece in ["a", " red circle", 'say "hi"\n', "back\\slash", "caf\u00e9 \u732b", "\0", "</script>"]:
+        assert render(piece) == _sse(oa.chunk(chat, "edgevl-tiny", {"content": piece}))
+
+
+def _events_of(vlm, tokens: list[int], error: BaseException | None = None) -> list[tuple[str, bool]]:
+    """What a stream sends when all of ``tokens`` (and the end) are already delivered."""
+    import asyncio
+    from concurrent.futures import Future
+
+    from edgevl.serving import openai_schema as oa
+    from edgevl.serving.app import _Run
+    from edgevl.serving.generation import _END, Submission
+    from edgevl.serving.metrics import ServerMetrics
+
+    async def scenario():
+        sub = Submission.__new__(Submission)
+        sub.queue, sub.tokens, sub.timings, sub.first_token_at = asyncio.Queue(), [], {"finish_reason": "length"}, None
+        sub.future = Future()
+        sub.future.set_exception(error) if error else sub.future.set_result(list(tokens))
+        for t in [*tokens, _END]:
+            sub.queue.put_nowait(t)
+        chat = oa.parse_chat_request({"messages": user("hi"), "stream": True,
+                                      "stream_options": {"include_usage": True}})
+        run = _Run(vlm, "edgevl-tiny", chat, sub, time.monotonic(), 7, ServerMetrics({"edgevl-tiny": vlm}))
+        first = await run.next_piece()
+        return [e async for e in run.events(first)]
+
+    return asyncio.run(scenario())
+
+
+def test_tokens_already_delivered_go_out_in_one_write_each_its_own_event(vlm):
+    tokens = vlm.engine.encode_prompt("a red circle and a blue square", n_images=0)[-5:].tolist()
+    writes = _events_of(vlm, tokens)
+    assert len(writes) == 1 and writes[0][1] is True          # one write, and it ends the body
+    events = [line[6:] for line in writes[0][0].split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    pieces = [c["choices"][0]["delta"]["content"] for c in chunks[1:-2]]
+    assert len(pieces) == len(tokens) and "".join(pieces) == vlm.engine.decode_tokens(tokens)
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["usage"] == {"prompt_tokens": 7, "completion_tokens": len(tokens), "total_tokens": 7 + len(tokens)}
+
+
+def test_an_error_after_delivered_tokens_keeps_their_text_then_reports_it(vlm):
+    from edgevl.errors import DeadlineExceeded
+
+    tokens = vlm.engine.encode_prompt("a red circle and a blue square", n_images=0)[-4:].tolist()
+    writes = _events_of(vlm, tokens, DeadlineExceeded("ran past its deadline"))
+    assert [last for _, last in writes] == [False, True]
+    sent = [json.loads(line[6:]) for text, _ in writes for line in text.split("\n\n") if line.startswith("data: {")]
+    pieces = [c["choices"][0]["delta"].get("content") for c in sent if c.get("choices")][1:]
+    assert "".join(pieces) == vlm.engine.decode_tokens(tokens)
+    assert "deadline" in sent[-1]["error"]["message"] and writes[-1][0].endswith("data: [DONE]\n\n")
+
+
 def test_sampling_fields_and_max_tokens(live, reference):
     client = live.client()
     image, q = scene(5), QUESTIONS[0]

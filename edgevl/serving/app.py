@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from edgevl.errors import DeadlineExceeded, EdgeVLError, InputError, QueueFull, ShutdownError
@@ -150,6 +150,55 @@ def _sse(data) -> str:
     return f"data: {json.dumps(data, separators=(',', ':')) if not isinstance(data, str) else data}\n\n"
 
 
+class _ContentChunks:
+    """``_sse(oa.chunk(chat, model, {"content": piece}))`` byte for byte, from a template made once
+    per answer: only the piece is JSON-encoded per token (the rest of the chunk never changes)."""
+
+    def __init__(self, chat: oa.ParsedChat, model: str):
+        whole = _sse(oa.chunk(chat, model, {"content": "\0"}))
+        self.head, _, self.tail = whole.partition(json.dumps("\0"))
+
+    def __call__(self, piece: str) -> str:
+        return self.head + json.dumps(piece) + self.tail
+
+
+class _EventStream(Response):
+    """The ASGI response of a streamed answer (server-sent events), leaner than Starlette's
+    StreamingResponse on the path every token takes (benchmarks/serve_load.py, issue 17):
+
+    - no task group per response: one task watches for the client's disconnect and cancels the
+      stream, which cancels the request (its KV slot is freed at the scheduler's next step);
+    - the role chunk goes out with the first piece, and the finish, usage and ``[DONE]`` events
+      with the end of the HTTP body, so an answer of N pieces takes N + 2 socket writes, not N + 6;
+    - pieces whose tokens are already here when the stream wakes up go out in one write (each
+      still its own event, as OpenAI clients expect)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, run: "_Run", first: str | None):
+        self.run, self.first = run, first
+        self.status_code, self.background = 200, None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        me = asyncio.current_task()
+        watch = asyncio.ensure_future(_until_disconnect(receive))
+        watch.add_done_callback(lambda w: me.cancel() if not w.cancelled() else None)
+        events = self.run.events(self.first)
+        try:
+            async for text, last in events:
+                await send({"type": "http.response.body", "body": text.encode(), "more_body": not last})
+        except asyncio.CancelledError:
+            if not watch.done() or watch.cancelled():
+                raise                      # cancelled from outside (shutdown), not by the client leaving
+            if hasattr(me, "uncancel"):    # Python >= 3.11
+                me.uncancel()              # the client went away: the request is cancelled, nothing to send
+        finally:
+            watch.cancel()
+            await events.aclose()          # the request is cancelled and counted now, not when collected
+
+
 def create_app(models: dict, config: ServeConfig | None = None) -> FastAPI:
     """``models``: served name -> VLM loaded with ``batching=True`` (the first is the default)."""
     config = config or ServeConfig()
@@ -268,8 +317,7 @@ def create_app(models: dict, config: ServeConfig | None = None) -> FastAPI:
             if chat.stream:
                 first = await _or_disconnect(request, run.next_piece(), submission)
                 outcome = "streaming"         # the response's generator records the outcome from here
-                return StreamingResponse(run.events(first), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                return _EventStream(run, first)
             answer = await _or_disconnect(request, run.complete(), submission)
             outcome = "ok"
             return JSONResponse(answer)
@@ -337,29 +385,58 @@ class _Run:
         return oa.completion(self.chat, self.name, "".join(pieces), self.finish_reason, self.prompt_tokens,
                              len(self.sub.tokens))
 
+    def _ready_pieces(self, pieces: list, render) -> None:
+        """Append ``render(piece)`` for the tokens already delivered, without waiting for more (a
+        request's error raises here, after the pieces before it were appended)."""
+        while not self.done and not self.sub.queue.empty():
+            token = self.sub.take_nowait()
+            if token is None:
+                self.done = True
+                if tail := self.text.finish():
+                    pieces.append(render(tail))
+                break
+            piece = self.text.push(token)
+            if self.text.stopped:
+                self.done = True
+                self.sub.cancel()
+            if piece:
+                pieces.append(render(piece))
+
     async def events(self, first: str | None):
+        """-> (server-sent events as one string, whether it ends the stream)."""
         outcome = "error"
+        content = _ContentChunks(self.chat, self.name)
         try:
-            yield _sse(oa.chunk(self.chat, self.name, {"role": "assistant", "content": ""}))
+            out = [_sse(oa.chunk(self.chat, self.name, {"role": "assistant", "content": ""}))]
             piece = first
             while piece is not None:
-                yield _sse(oa.chunk(self.chat, self.name, {"content": piece}))
+                out.append(content(piece))
+                try:
+                    self._ready_pieces(out, content)
+                except Exception:
+                    yield "".join(out), False      # what was generated before the error, then the error
+                    out = []
+                    raise
+                if self.done:
+                    break
+                yield "".join(out), False
+                out = []
                 piece = await self.next_piece()
             self._finished()
-            yield _sse(oa.chunk(self.chat, self.name, {}, self.finish_reason))
+            out.append(_sse(oa.chunk(self.chat, self.name, {}, self.finish_reason)))
             if self.chat.include_usage:
-                yield _sse(oa.chunk(self.chat, self.name, {}, usage_=oa.usage(self.prompt_tokens,
-                                                                            len(self.sub.tokens))))
-            yield _sse("[DONE]")
+                out.append(_sse(oa.chunk(self.chat, self.name, {}, usage_=oa.usage(self.prompt_tokens,
+                                                                                 len(self.sub.tokens)))))
+            out.append(_sse("[DONE]"))
             outcome = "ok"
+            yield "".join(out), True
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "cancelled"        # the client went away mid-stream
             raise
         except Exception as e:          # e.g. the deadline passed mid-answer: tell the client in the stream
             problem = problem_for(e)
             outcome = problem.outcome
-            yield _sse(oa.error_body(problem.message, problem.type, problem.code))
-            yield _sse("[DONE]")
+            yield _sse(oa.error_body(problem.message, problem.type, problem.code)) + _sse("[DONE]"), True
         finally:
             self.sub.cancel()
             self.metrics.requests.labels(self.name, outcome).inc()

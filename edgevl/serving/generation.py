@@ -81,7 +81,13 @@ class Submission:
         self.mailbox.put(self.queue, item)
 
     async def next_token(self) -> int | None:
-        item = await self.queue.get()
+        return self._take(await self.queue.get())
+
+    def take_nowait(self) -> int | None:
+        """``next_token`` for a token already delivered (``queue`` not empty)."""
+        return self._take(self.queue.get_nowait())
+
+    def _take(self, item) -> int | None:
         if item is _END:
             self.queue.put_nowait(_END)        # later calls see the end too
             self.future.result()               # the request's error, if it ended with one

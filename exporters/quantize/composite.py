@@ -21,9 +21,12 @@ on held-out inputs, and the fastest that keeps the accuracy gate is written:
 Decoders are ranked by what an answer costs: a prefill of the image block and a prompt plus
 ``answer_tokens`` (32) decode steps. A lowered ONNX Runtime decoder then tries an int8 KV cache
 (exporters/lower/kv_int8.py, scales calibrated on ``kv_calib_prompts`` prompts): kept when its
-logits keep the gate and a decode step at position KV_LONG_POSITION (512) is faster than with the
-float cache, not slower at the answer's own position (``kv_cache="auto"``; "int8" / "float32"
-decide without timing).
+logits keep the gate and a decode step costs less than with the float cache, summed over the
+answer's own position and KV_LONG_POSITION (512) (``kv_cache="auto"``; "int8" / "float32" decide
+without timing). The sum, not "faster at 512 and no slower at the answer's position": at short
+positions the two caches differ by ~2% (0.1 ms a step of the SmolVLM shape's ~5 ms int4 step),
+less than this VM's run-to-run noise, so that rule kept or dropped the int8 cache by chance, and
+with it a 0.68x or 0.81x decode at 512 vs 64 (benchmarks/results/bench_e2e_v060.md).
 
 The manifest records each part's precision and method and, under
 ``quantization.selection``, every candidate's timing and cosine with the machine they were
@@ -414,8 +417,8 @@ def _int8_kv(src, chosen: Candidate, prefill: Candidate | None, held: list[dict]
     """Try the chosen lowered decoder (and its int8 prefill graph) with an int8 KV cache
     (exporters/lower/kv_int8.py): scales calibrated on ``recipe.kv_calib_prompts`` prompts of the
     calibration source through the FP32 bundle; kept when the decoder's logits keep ``gate`` vs
-    FP32 on the held-out feeds and, for ``kv_cache="auto"``, a decode step at KV_LONG_POSITION is
-    faster than with the float cache (it must not be slower at the answer's own position either).
+    FP32 on the held-out feeds and, for ``kv_cache="auto"``, a decode step summed over the answer's
+    own position and KV_LONG_POSITION costs less than with the float cache.
     -> the record for the manifest, with ``kept`` and (until placed) the int8 ``graphs`` by name."""
     from edgevl.exporters.lower.kv_int8 import calibrate_kv_scales, int8_feeds, with_int8_kv_cache
     from edgevl.runtimes.compare import diff_outputs
@@ -453,7 +456,7 @@ def _int8_kv(src, chosen: Candidate, prefill: Candidate | None, held: list[dict]
         for r in [*runners.values(), float_cache]:
             r.close()
     at_long, at_short = record["step_ms"][str(long_pos)], record["step_ms"][str(short)]
-    faster = at_long["int8"] < at_long["float32"] and at_short["int8"] <= 1.02 * at_short["float32"]
+    faster = at_long["int8"] + at_short["int8"] < at_long["float32"] + at_short["float32"]
     record["kept"] = cos >= gate and (faster or recipe.kv_cache == "int8")
     why = (f"logits cosine {cos:.5f} (gate {gate}); step at position {long_pos}: {at_long['int8']:.2f} vs "
            f"{at_long['float32']:.2f} ms float, at {short}: {at_short['int8']:.2f} vs {at_short['float32']:.2f} ms")
