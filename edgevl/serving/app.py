@@ -349,23 +349,27 @@ class _Run:
         self.text = TextStream(vlm.engine.decode_tokens, chat.stop)
         self.done = False
 
+    def _consume(self, token: int | None) -> str:
+        """One delivered token (None: the end) -> its new text, "" while held back for a stop
+        string. The end, or a stop string that matched (which frees the slot), sets ``done``."""
+        if token is None:
+            self.done = True
+            return self.text.finish()
+        piece = self.text.push(token)
+        if self.text.stopped:
+            self.done = True
+            self.sub.cancel()
+        return piece
+
     async def next_piece(self) -> str | None:
         """The next non-empty piece of text, or None when the answer is complete."""
         while not self.done:
             token = await self.sub.next_token()
-            if token is None:
-                self.done = True
-                return self.text.finish() or None
-            if len(self.sub.tokens) == 1:
+            if token is not None and len(self.sub.tokens) == 1:
                 self.metrics.ttft.labels(self.name).observe(time.monotonic() - self.arrived)
                 if "queue" in self.sub.timings:
                     self.metrics.queue_wait.labels(self.name).observe(self.sub.timings["queue"] / 1e3)
-            piece = self.text.push(token)
-            if self.text.stopped:      # a stop string matched: end here and free the slot
-                self.done = True
-                self.sub.cancel()
-                return piece or None
-            if piece:
+            if piece := self._consume(token):
                 return piece
         return None
 
@@ -389,17 +393,7 @@ class _Run:
         """Append ``render(piece)`` for the tokens already delivered, without waiting for more (a
         request's error raises here, after the pieces before it were appended)."""
         while not self.done and not self.sub.queue.empty():
-            token = self.sub.take_nowait()
-            if token is None:
-                self.done = True
-                if tail := self.text.finish():
-                    pieces.append(render(tail))
-                break
-            piece = self.text.push(token)
-            if self.text.stopped:
-                self.done = True
-                self.sub.cancel()
-            if piece:
+            if piece := self._consume(self.sub.take_nowait()):
                 pieces.append(render(piece))
 
     async def events(self, first: str | None):
