@@ -84,6 +84,15 @@ def batching_threads() -> dict:
     return {"vision": None, "embed": half, "decoder": half}
 
 
+def sampling_params(defaults: dict, **overrides) -> SamplingParams:
+    """The bundle's generation defaults (manifest ``generation``) with the caller's non-None overrides."""
+    base = {k: v for k, v in defaults.items() if k in SamplingParams.__dataclass_fields__}
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    if "stop_token_ids" in base:
+        base["stop_token_ids"] = tuple(base["stop_token_ids"])
+    return SamplingParams(**base).validate()
+
+
 class VLM:
     def __init__(self, bundle: Bundle, backend: str, threads: int | dict | None = None, device: str | None = None,
                  options: dict | None = None, batching: bool = False, max_batch_size: int = 8,
@@ -104,11 +113,7 @@ class VLM:
 
     # -- helpers -----------------------------------------------------------------------------
     def _params(self, **overrides) -> SamplingParams:
-        base = {k: v for k, v in self.generation_defaults.items() if k in SamplingParams.__dataclass_fields__}
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        if "stop_token_ids" in base:
-            base["stop_token_ids"] = tuple(base["stop_token_ids"])
-        return SamplingParams(**base).validate()
+        return sampling_params(self.generation_defaults, **overrides)
 
     def pixels(self, images, channels: str = "bgr") -> np.ndarray:
         return preprocess(images, self.preprocess_spec, channels)

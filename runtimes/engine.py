@@ -76,7 +76,49 @@ def _part_options(backend: str, part: str, options: dict | None) -> dict | None:
     return {**tuned, **(options or {})}
 
 
-class Engine:
+class PromptCodec:
+    """The text side of a bundle: prompt -> token ids (image blocks included), ids -> text, and the
+    checks a request must pass before it is queued. Numpy and the tokenizer only, no model part:
+    ``edgevl serve`` uses it in the server process while the engine runs in its own
+    (edgevl/serving/engine_process.py)."""
+
+    def __init__(self, bundle: Bundle):
+        m = bundle.manifest
+        self.dec = m["decoder"]
+        self.prompt_spec = m["prompt"]
+        self.tok_spec = m["tokenizer"]
+        self.preprocess_spec = m["preprocess"]
+        self.tokenizer = load_tokenizer(bundle)
+        self.image_token_id = int(self.prompt_spec["image_token_id"])
+        self.image_seq_len = int(self.prompt_spec["image_seq_len"])
+        self.eos_ids = tuple(int(i) for i in self.tok_spec.get("eos_token_ids", []))
+
+    def encode_prompt(self, prompt: str, n_images: int = 1) -> np.ndarray:
+        text = render_prompt(self.prompt_spec["template"], prompt, self.prompt_spec["image_block"], n_images)
+        ids = self.tokenizer.encode(text, add_special_tokens=bool(self.tok_spec.get("add_special_tokens", False))).ids
+        return np.asarray(ids, dtype=np.int64)
+
+    def decode_tokens(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def check_context(self, n_prompt: int, max_new_tokens: int) -> None:
+        limit = int(self.dec["max_position"])
+        if n_prompt + max_new_tokens > limit:
+            raise InputError(f"prompt is {n_prompt} tokens and {max_new_tokens} new tokens were asked for, "
+                             f"but the model's context is {limit} tokens; shorten the prompt or lower max_new_tokens "
+                             f"(at most {max(0, limit - n_prompt)} new tokens fit)")
+
+    def check_images(self, ids: np.ndarray, pixels: np.ndarray | None, who: str = "request") -> None:
+        """One image per image block of the prompt ``ids``."""
+        slots = int((ids == self.image_token_id).sum())
+        given = 0 if pixels is None else int(pixels.shape[0]) * self.image_seq_len
+        if slots != given:
+            raise InputError(f"{who}: prompt has {slots} image tokens but {0 if pixels is None else pixels.shape[0]} "
+                             f"image(s) give {given} embeddings ({self.image_seq_len} per image); "
+                             "pass one image per image block")
+
+
+class Engine(PromptCodec):
     def __init__(self, bundle: Bundle, backend: str, threads: int | dict | None = None,
                  device: str | None = None, options: dict | None = None):
         self.bundle, self.backend = bundle, backend
@@ -97,14 +139,8 @@ class Engine:
         self.prefill_runner = None if prefill is None else runner_cls(
             prefill, precision=bundle.precision, threads=per_part.get("decoder"), device=device,
             options=_part_options(backend, "prefill", options))
+        super().__init__(bundle)
         m = bundle.manifest
-        self.dec = m["decoder"]
-        self.prompt_spec = m["prompt"]
-        self.tok_spec = m["tokenizer"]
-        self.preprocess_spec = m["preprocess"]
-        self.tokenizer = load_tokenizer(bundle)
-        self.image_token_id = int(self.prompt_spec["image_token_id"])
-        self.eos_ids = tuple(int(i) for i in self.tok_spec.get("eos_token_ids", []))
         self.kv_dtype = np.dtype(bundle.kv_dtype(backend))
         # multimodal RoPE (Qwen2-VL/2.5-VL): the decoder takes 3-D positions the runtime computes
         self.mrope = MRoPEPositions(m["mrope"]) if m.get("mrope") else None
@@ -145,21 +181,6 @@ class Engine:
         return self.runners["embed"].infer({"input_ids": ids})["inputs_embeds"]
 
     # -- prompts -----------------------------------------------------------------------------
-    def encode_prompt(self, prompt: str, n_images: int = 1) -> np.ndarray:
-        text = render_prompt(self.prompt_spec["template"], prompt, self.prompt_spec["image_block"], n_images)
-        ids = self.tokenizer.encode(text, add_special_tokens=bool(self.tok_spec.get("add_special_tokens", False))).ids
-        return np.asarray(ids, dtype=np.int64)
-
-    def decode_tokens(self, ids) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-
-    def check_context(self, n_prompt: int, max_new_tokens: int) -> None:
-        limit = int(self.dec["max_position"])
-        if n_prompt + max_new_tokens > limit:
-            raise InputError(f"prompt is {n_prompt} tokens and {max_new_tokens} new tokens were asked for, "
-                             f"but the model's context is {limit} tokens; shorten the prompt or lower max_new_tokens "
-                             f"(at most {max(0, limit - n_prompt)} new tokens fit)")
-
     def merge(self, ids: np.ndarray, image_embeds: np.ndarray | None) -> np.ndarray:
         """(T,) ids -> (1, T, D) embeddings, image-token slots filled with image embeddings in order."""
         embeds = self.embed_tokens(ids[None, :])

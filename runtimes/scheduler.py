@@ -113,7 +113,7 @@ class Scheduler:
         params = params.validate()
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         self.engine.check_context(len(ids), params.max_new_tokens)
-        self._check_images(ids, pixels)
+        self.engine.check_images(ids, pixels, self.name)
         now = time.monotonic()
         future = GenerationFuture(self._wake)
         seq = Sequence(ids, params, future, {} if timings is None else timings, on_token, now,
@@ -186,14 +186,6 @@ class Scheduler:
         self.shutdown()
 
     # -- submitting helpers ------------------------------------------------------------------
-    def _check_images(self, ids: np.ndarray, pixels: np.ndarray | None) -> None:
-        slots = int((ids == self.engine.image_token_id).sum())
-        given = 0 if pixels is None else int(pixels.shape[0]) * self.image_seq_len
-        if slots != given:
-            raise InputError(f"prompt has {slots} image tokens but {0 if pixels is None else pixels.shape[0]} "
-                             f"image(s) give {given} embeddings ({self.image_seq_len} per image); "
-                             "pass one image per image block")
-
     def _reserve(self, block: bool, wait_s: float | None) -> None:
         """Count a new request against the queue bound. Requests that the next admission puts
         into free slots are not waiting for one: a slot freed by a finished request is handed to

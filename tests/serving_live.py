@@ -105,3 +105,8 @@ def slow_down(vlm, step_s: float = 0.05) -> None:
 
     vlm.engine.decode = slow_decode
     vlm.engine.eos_ids = ()
+
+
+def slow_engine(vlm) -> None:
+    """``RemoteVLM(on_load="serving_live:slow_engine")``: slow_down inside the engine process."""
+    slow_down(vlm, 0.04)

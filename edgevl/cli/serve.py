@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a slot before new ones get 429 (default 64)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="image batching wait (default 5 ms)")
+    p.add_argument("--engine", default="process", choices=["process", "thread"],
+                   help="where each model runs: 'process' (default), an engine process per model, so decoding "
+                        "never waits for the HTTP event loop's GIL; 'thread', in the server's own process")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, wait at most S seconds for in-flight requests (default 30)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -91,10 +94,21 @@ def serve_config(args):
 def load_models(paths: dict[str, str], args) -> dict:
     import edgevl
 
-    return {name: edgevl.load(path, backend=args.backend, threads=args.threads, batching=True,
-                              max_batch_size=args.max_batch, max_wait_ms=args.max_wait_ms,
-                              max_queue_size=args.max_queue)
-            for name, path in paths.items()}
+    settings = dict(backend=args.backend, threads=args.threads, max_batch_size=args.max_batch,
+                    max_wait_ms=args.max_wait_ms, max_queue_size=args.max_queue)
+    if getattr(args, "engine", "thread") == "process":
+        from edgevl.serving.engine_process import RemoteVLM
+
+        models = {}
+        try:
+            for name, path in paths.items():
+                models[name] = RemoteVLM(path, name=name, **settings)
+        except BaseException:
+            for vlm in models.values():       # no engine process outlives a failed start
+                vlm.close()
+            raise
+        return models
+    return {name: edgevl.load(path, batching=True, **settings) for name, path in paths.items()}
 
 
 def run(args) -> int:

@@ -32,6 +32,7 @@ class _Mailbox:
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop, self.items, self.lock, self.scheduled = loop, [], threading.Lock(), False
+        self.loop_thread = threading.get_ident()     # made by a Submission, on the loop's thread
 
     @classmethod
     def of(cls, loop) -> "_Mailbox":
@@ -43,6 +44,9 @@ class _Mailbox:
 
     def put(self, queue: asyncio.Queue, item) -> None:
         with self.lock:
+            if not self.items and threading.get_ident() == self.loop_thread:
+                queue.put_nowait(item)     # on the loop already (an engine process's tokens): no wake-up
+                return
             self.items.append((queue, item))
             if self.scheduled:
                 return
