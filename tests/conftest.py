@@ -46,6 +46,16 @@ def tiny_bundle(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def reference(tiny_bundle):
+    """edgevl-tiny loaded in-process without batching: the answers the serving paths must equal."""
+    import edgevl
+
+    v = edgevl.load(tiny_bundle, backend="onnxruntime", verbose=False)
+    yield v
+    v.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_torch():
     if not HAS_TORCH:

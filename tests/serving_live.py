@@ -42,6 +42,13 @@ class LiveServer:
         return OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, **kw)
 
 
+def scene(i: int) -> np.ndarray:
+    """Test scene ``i`` of the synthetic world, RGB."""
+    from edgevl.data.world import make_scene
+
+    return make_scene("test", i).image()
+
+
 def png_data_url(image: np.ndarray) -> str:
     from PIL import Image
 

@@ -18,19 +18,13 @@ from pathlib import Path
 import pytest
 
 from conftest import has_module
-from serving_live import LiveServer, metric, png_data_url, request, slow_down, user, wait_for
+from serving_live import LiveServer, metric, png_data_url, request, scene, slow_down, user, wait_for
 
 pytestmark = pytest.mark.skipif(
     not all(has_module(m) for m in ("fastapi", "uvicorn", "prometheus_client", "openai")),
     reason="needs the serve extra and the openai client: pip install -e '.[dev]'")
 
 QUESTIONS = ["describe the image.", "how many shapes are there?", "what color is the circle?"]
-
-
-def scene(i: int):
-    from edgevl.data.world import make_scene
-
-    return make_scene("test", i).image()
 
 
 def load(bundle, **kw):
@@ -42,15 +36,6 @@ def load(bundle, **kw):
 @pytest.fixture(scope="module")
 def vlm(tiny_bundle):
     v = load(tiny_bundle, max_batch_size=4)
-    yield v
-    v.close()
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_bundle):
-    import edgevl
-
-    v = edgevl.load(tiny_bundle, backend="onnxruntime", verbose=False)
     yield v
     v.close()
 

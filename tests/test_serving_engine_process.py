@@ -17,17 +17,11 @@ import numpy as np
 import pytest
 
 from conftest import has_module
-from serving_live import LiveServer, metric, png_data_url, request, user, wait_for
+from serving_live import LiveServer, metric, png_data_url, request, scene, user, wait_for
 
 pytestmark = pytest.mark.skipif(
     not all(has_module(m) for m in ("fastapi", "uvicorn", "prometheus_client", "openai")),
     reason="needs the serve extra and the openai client: pip install -e '.[dev]'")
-
-
-def scene(i: int):
-    from edgevl.data.world import make_scene
-
-    return make_scene("test", i).image()
 
 
 def _chat(port, body):
@@ -50,15 +44,6 @@ def remote(tiny_bundle):
     vlm = RemoteVLM(tiny_bundle, backend="onnxruntime", max_batch_size=4)
     yield vlm
     vlm.close()
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_bundle):
-    import edgevl
-
-    v = edgevl.load(tiny_bundle, backend="onnxruntime", verbose=False)
-    yield v
-    v.close()
 
 
 @pytest.fixture
