@@ -141,9 +141,14 @@ def test_int4_onnxruntime_times_two_block_sizes_and_records_the_chosen_ones_reci
     assert (prefill is not None) == keep == (sel["chosen"] == best + "+int8-prefill")
     assert sel["chosen"] == (best + "+int8-prefill" if keep else best)
     if keep:
-        ops = {n.op_type for n in onnx.load(str(prefill)).graph.node}
+        graph = onnx.load(str(prefill)).graph
+        head = next(n for n in graph.node if "logits" in n.output)
+        ops = {n.op_type for n in graph.node if n is not head}
         assert "DynamicQuantizeMatMul" in ops and "MatMulNBits" not in ops
-        assert sel["candidates"][sel["chosen"]]["median_ms"] == pytest.approx(cost, abs=0.02)
+        shared = q["decoder"]["tools"]["prefill_lm_head"]["kept"]
+        assert head.op_type == ("MatMulNBits" if shared else "DynamicQuantizeMatMul")
+        if not shared:
+            assert sel["candidates"][sel["chosen"]]["median_ms"] == pytest.approx(cost, abs=0.02)
 
 
 @needs_torch
@@ -154,6 +159,8 @@ def test_int4_with_an_int8_prefill_graph_shares_one_int8_kv_cache(tiny_bundle, t
     import json
 
     import onnx
+
+    from onnx import numpy_helper
 
     from edgevl.exporters.quantize import composite
     from edgevl.exporters.lower.kv_int8 import read_kv_scales
@@ -171,6 +178,16 @@ def test_int4_with_an_int8_prefill_graph_shares_one_int8_kv_cache(tiny_bundle, t
                 and i.name != "past_len"} == {onnx.TensorProto.INT8}
     a, b = read_kv_scales(prefill), read_kv_scales(decode)
     assert all((a[k] == b[k]).all() for k in ("key", "value"))
+    # the prompt graph's logits come from the 4-bit graph's LM head (one vocabulary-sized matrix, not two)
+    swap = bundle.manifest["quantization"]["decoder"]["tools"]["prefill_lm_head"]
+    assert swap["kept"] and swap["cosine"] >= swap["gate"] and swap["bytes_dropped"] > 0
+    graphs = [onnx.load(str(p)).graph for p in (prefill, decode)]
+    heads = [next(n for n in g.node if "logits" in n.output) for g in graphs]
+    assert [h.op_type for h in heads] == ["MatMulNBits", "MatMulNBits"]
+    weights = [{t.name: numpy_helper.to_array(t) for t in g.initializer} for g in graphs]
+    assert all((weights[0][x] == weights[1][y]).all() for x, y in zip(heads[0].input[1:], heads[1].input[1:]) if y)
+    assert not any(t.dims[-1] == bundle.manifest["decoder"]["vocab_size"] for t in graphs[0].initializer
+                   if t.data_type == onnx.TensorProto.INT8)
     report = json.loads((bundle.path / bundle.manifest["reports"]["accuracy"]).read_text())
     assert report["budget"]["passed"] and report["tasks"]["backends"]["onnxruntime"]["drop_points"] <= 1.0
 

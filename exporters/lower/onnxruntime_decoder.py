@@ -213,6 +213,50 @@ def build_lowered(dec: PortableDecoder):
     return model
 
 
+def share_lm_head(graph: Path, donor: Path, out: Path) -> dict | None:
+    """Write ``graph`` with its LM head (the node that makes ``logits``) replaced by ``donor``'s,
+    weights included: the int8 prompt graph of an ``int4`` bundle then computes the first token's
+    logits with the 4-bit graph's head instead of holding an int8 copy of a vocabulary-sized
+    matrix. Both graphs are lowered (build_lowered): the head reads the last position's hidden
+    state (B, D). -> what was swapped, or None when either head is not one node over initializers."""
+    import onnx
+
+    model, other = onnx.load(str(graph)), onnx.load(str(donor))
+
+    def head(m):
+        node = next((n for n in m.graph.node if "logits" in n.output), None)
+        weights = {i.name: i for i in m.graph.initializer}
+        if node is None or not all(name in weights for name in node.input[1:] if name):
+            return None, weights
+        return node, weights
+
+    (mine, my_weights), (theirs, their_weights) = head(model), head(other)
+    if mine is None or theirs is None:
+        return None
+    swapped = onnx.NodeProto()
+    swapped.CopyFrom(theirs)
+    swapped.name = "/lm_head_shared"
+    swapped.input[0] = mine.input[0]
+    for k, name in enumerate(theirs.input[1:], 1):
+        if name:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(their_weights[name])
+            tensor.name = swapped.input[k] = "shared." + name
+            model.graph.initializer.append(tensor)
+    dropped = set(mine.input[1:]) - {""}
+    position = list(model.graph.node).index(mine)
+    model.graph.node.remove(mine)
+    model.graph.node.insert(position, swapped)
+    still_used = {name for n in model.graph.node for name in n.input}
+    kept = [t for t in model.graph.initializer if t.name not in dropped or t.name in still_used]
+    freed = sum(int(np.prod(my_weights[n].dims)) * onnx.helper.tensor_dtype_to_np_dtype(my_weights[n].data_type).itemsize
+                for n in dropped - still_used)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    save_onnx(model, out)
+    return {"from": mine.op_type, "to": theirs.op_type, "bytes_dropped": freed}
+
+
 def op_counts(path: Path) -> dict[str, int]:
     import onnx
 

@@ -335,6 +335,7 @@ def _decoder(src, writer, target: str, work: Path, recipe: CompositeRecipe, held
     chosen = order[0]
     prefill_graph = _int8_prefill(cands, chosen, recipe, log) if prefill_only else None
     if prefill_graph is not None:
+        prefill_graph = _shared_head(prefill_graph, chosen, target, prefill, recipe, src, threads, work, info, log)
         cands.append(prefill_graph[1])
     kv = None
     if chosen.name.endswith("-lowered") and recipe.kv_cache != "float32":
@@ -387,6 +388,7 @@ def _decoder(src, writer, target: str, work: Path, recipe: CompositeRecipe, held
 
 PREFILL_FILE = "onnxruntime/decoder_prefill.onnx"
 PREFILL_GAIN = 0.05       # a second copy of the weights (int8, ~1 byte a parameter) must save 5% of an answer
+SHARED_HEAD_SLOWER = 0.05
 
 
 def _int8_prefill(cands: list[Candidate], chosen: Candidate, recipe: CompositeRecipe, log):
@@ -410,6 +412,42 @@ def _int8_prefill(cands: list[Candidate], chosen: Candidate, recipe: CompositeRe
                        timing={**chosen.timing, "median_ms": round(cost, 2), "prefill_ms": pre.timing["prefill_ms"]},
                        cosine=min(chosen.cosine, pre.cosine), portable=chosen.portable)
     return pre, hybrid
+
+
+def _shared_head(prefill_graph: tuple, chosen: Candidate, target: str, prompt: dict, recipe: CompositeRecipe, src,
+                 threads, work: Path, info: dict, log) -> tuple:
+    """The int8 prompt graph computes logits for one position, the first token's; with the 4-bit
+    graph's LM head in it, the bundle holds one vocabulary-sized matrix fewer (SmolVLM shape: an
+    int8 49,280 x 576 copy, 28 MB, and its packed form; the process's peak 555-565 -> 542 MB over
+    three answers, prefill time unchanged). Kept when the prompt's logits keep the int4 gate and
+    the prompt, timed beside the int8 head's, is at most SHARED_HEAD_SLOWER slower (one row: any
+    difference is noise); -> the (prefill, combined) pair to use."""
+    from edgevl.exporters.lower.onnxruntime_decoder import share_lm_head
+
+    pre, hybrid = prefill_graph
+    path = work / f"{pre.path.stem}-shared-head.onnx"
+    swap = share_lm_head(pre.path, chosen.path, path)
+    if swap is None:
+        return prefill_graph
+    shared = Candidate(pre.name, path, pre.precision, f"{pre.method}; LM head: the 4-bit graph's", pre.build_s)
+    own = Candidate("int8-head", pre.path, pre.precision, pre.method)          # timed again beside it
+    measure([own, shared], target, [prompt], _reference_outputs(src, "decoder", [prompt], threads), recipe.rounds,
+            threads, lambda *a: None, outputs=("logits",))
+    before, after = own.timing["median_ms"], shared.timing["median_ms"]
+    gate = recipe.int4_min_cosine
+    kept = shared.cosine >= gate and after <= before * (1 + SHARED_HEAD_SLOWER)
+    info["prefill_lm_head"] = {**swap, "kept": kept, "cosine": round(shared.cosine, 6), "gate": gate,
+                               "prefill_ms": after, "int8_head_prefill_ms": before}
+    log(f"    prefill graph with the 4-bit LM head: {'kept' if kept else 'not kept'} (cosine {shared.cosine:.5f}, gate "
+        f"{gate}; prompt {after:.1f} vs {before:.1f} ms; {swap['bytes_dropped'] / 2**20:.1f} MB of int8 head dropped)")
+    if not kept:
+        return prefill_graph
+    shared.timing = {**pre.timing, "prefill_ms": after}
+    cost = after + recipe.answer_tokens * chosen.timing["step_ms"]
+    hybrid = Candidate(hybrid.name, hybrid.path, hybrid.precision, f"{chosen.method}; prefill: {shared.method}",
+                       hybrid.build_s, timing={**hybrid.timing, "median_ms": round(cost, 2), "prefill_ms": after},
+                       cosine=min(chosen.cosine, shared.cosine), portable=hybrid.portable)
+    return shared, hybrid
 
 
 def _int8_kv(src, chosen: Candidate, prefill: Candidate | None, held: list[dict], recipe: CompositeRecipe,
