@@ -486,9 +486,9 @@ class RemoteScheduler:
                 pending.timings["finish_reason"] = finish_reason
             self._resolve(pending, None if error_name is None else _rebuild(error_name, message))
         elif kind == "s":
-            self._replies[event[1]] = event[2]
             ready = self._waiters.get(event[1])
-            if ready is not None:
+            if ready is not None:                 # nobody waits for an answer that came after its timeout
+                self._replies[event[1]] = event[2]
                 ready.set()
         elif kind == "x":
             self._dead = event[1]
