@@ -83,7 +83,6 @@ class Scheduler:
         self.engine, self.name = engine, name
         self.max_batch_size, self.max_queue_size = max_batch_size, max_queue_size
         self.initial_capacity = initial_capacity
-        self.image_seq_len = int(engine.prompt_spec["image_seq_len"])
         self.metrics = ServingMetrics(name)
         self.vision = DynamicBatcher(engine.encode_images, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                                      max_queue_size=max_queue_size, name=f"{name}.vision")
