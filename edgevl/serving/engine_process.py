@@ -589,9 +589,6 @@ class RemoteVLM:
 
         return preprocess(images, self.preprocess_spec, channels)
 
-    def metrics(self) -> dict:
-        return {"scheduler": self.scheduler.metrics.snapshot()}
-
     def close(self) -> None:
         self.scheduler.shutdown()
 
