@@ -4,7 +4,7 @@
 on-device entry point; the compile side lives in ``edgevl.exporters`` (needs ``edgevl[export]``).
 """
 
-__version__ = "0.8.0"
+__version__ = "0.8.1"
 
 
 def load(bundle, backend=None, **kwargs):

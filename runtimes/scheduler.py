@@ -75,12 +75,16 @@ class GenerationFuture(Future):
 
 class Scheduler:
     def __init__(self, engine: Engine, max_batch_size: int = 8, max_wait_ms: float = 5.0,
-                 max_queue_size: int = 256, initial_capacity: int = 64, name: str = "scheduler"):
+                 max_queue_size: int = 256, initial_capacity: int = 64, name: str = "scheduler",
+                 after_tokens: Callable[[], None] | None = None):
+        """``after_tokens``: called on the scheduler thread after each prefill and each decode
+        step, once that step's tokens went to the requests' ``on_token`` (the engine process
+        sends them to its server in one message from here)."""
         if max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_queue_size < 1:
             raise ConfigError(f"max_queue_size must be >= 1, got {max_queue_size}")
-        self.engine, self.name = engine, name
+        self.engine, self.name, self.after_tokens = engine, name, after_tokens
         self.max_batch_size, self.max_queue_size = max_batch_size, max_queue_size
         self.initial_capacity = initial_capacity
         self.metrics = ServingMetrics(name)
@@ -225,15 +229,25 @@ class Scheduler:
                     return
                 self._admit(admit)
                 self._drop_active()              # some finish at their first token
+                self._tokens_out()
                 if self._active:
                     self._step()
                     self._drop_active()
+                    self._tokens_out()
                 elif self.cache.capacity > self.initial_capacity:   # idle: give grown memory back
                     self.cache = self.engine.new_cache(slots=self.max_batch_size, capacity=self.initial_capacity)
         except BaseException as e:  # a bug here must not leave callers waiting forever
             self._die(e)
             logging.getLogger("edgevl").error("%s thread died; every pending request failed with ShutdownError",
                                               self.name, exc_info=e)
+
+    def _tokens_out(self) -> None:
+        if self.after_tokens is not None:
+            self.after_tokens()
+
+    def on_thread(self) -> bool:
+        """Whether the caller runs on the scheduler thread (where ``on_token`` is called)."""
+        return threading.current_thread() is self._thread
 
     def _collect(self) -> tuple[list[Sequence], list[tuple[Sequence, BaseException]], bool]:
         """Under the lock: waiting requests to fail, ready ones to admit, and whether to stop."""

@@ -221,3 +221,35 @@ def test_wire_round_trip_and_malformed_messages():
             unpack(bad)
     with pytest.raises(WireError, match="dtype object"):
         pack({}, [np.array([{}], dtype=object)])
+
+
+def test_commands_keep_their_order_when_the_pipe_fills():
+    """The server writes a command at once when the pipe takes it and nothing is queued before
+    it, and otherwise queues it for its writer thread: either way the engine reads every command
+    whole and in the order it was sent (here 1 MB images fill the pipe while nobody reads)."""
+    import socket
+    from multiprocessing.connection import Connection
+
+    from edgevl.serving.engine_process import RemoteScheduler, unpack
+
+    class Running:
+        def poll(self):
+            return None
+
+    ours, theirs = socket.socketpair()
+    events, _their_events = socket.socketpair()
+    scheduler = RemoteScheduler(Running(), ours, Connection(events.detach()), codec=None, max_batch_size=1,
+                                max_queue_size=1, name="t")
+    big = np.arange(1 << 18, dtype=np.float32)
+    for i in range(24):
+        scheduler._send({"op": "n", "i": i}, [big] if i % 3 == 0 else [])
+    assert scheduler._queued > 0                        # some had to wait for the writer thread
+    reader = Connection(theirs.detach())
+    got = [unpack(reader.recv_bytes()) for _ in range(24)]
+    assert [h["i"] for h, _ in got] == list(range(24))
+    assert all(np.array_equal(a[0], big) for h, a in got if h["i"] % 3 == 0)
+    wait_for(lambda: scheduler._queued == 0, what="the writer thread to finish")
+    scheduler._send({"op": "n", "i": 24})               # the queue is empty: written at once
+    assert unpack(reader.recv_bytes())[0]["i"] == 24
+    scheduler._outbox.put(None)
+    reader.close()
