@@ -92,8 +92,16 @@ class PromptCodec:
         self.image_token_id = int(self.prompt_spec["image_token_id"])
         self.image_seq_len = int(self.prompt_spec["image_seq_len"])
         self.eos_ids = tuple(int(i) for i in self.tok_spec.get("eos_token_ids", []))
+        limit = self.prompt_spec.get("max_images")        # e.g. BLIP-2, Gemma 3: one image per prompt
+        self.max_images = None if limit is None else int(limit)
+
+    def _check_image_count(self, n_images: int, who: str) -> None:
+        if self.max_images is not None and n_images > self.max_images:
+            raise InputError(f"{who}: {n_images} images, but this model takes at most {self.max_images} per prompt "
+                             "(manifest prompt.max_images); ask about each image in a request of its own")
 
     def encode_prompt(self, prompt: str, n_images: int = 1) -> np.ndarray:
+        self._check_image_count(n_images, "prompt")
         text = render_prompt(self.prompt_spec["template"], prompt, self.prompt_spec["image_block"], n_images)
         ids = self.tokenizer.encode(text, add_special_tokens=bool(self.tok_spec.get("add_special_tokens", False))).ids
         return np.asarray(ids, dtype=np.int64)
@@ -109,7 +117,8 @@ class PromptCodec:
                              f"(at most {max(0, limit - n_prompt)} new tokens fit)")
 
     def check_images(self, ids: np.ndarray, pixels: np.ndarray | None, who: str = "request") -> None:
-        """One image per image block of the prompt ``ids``."""
+        """One image per image block of the prompt ``ids``, and no more than the model takes."""
+        self._check_image_count(0 if pixels is None else int(pixels.shape[0]), who)
         slots = int((ids == self.image_token_id).sum())
         given = 0 if pixels is None else int(pixels.shape[0]) * self.image_seq_len
         if slots != given:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import BACKENDS, has_module, needs_torch
+from edgevl.errors import InputError
 
 pytestmark = [needs_torch, pytest.mark.skipif(not has_module("transformers"),
                                               reason="needs transformers: pip install edgevl[export]")]
@@ -96,6 +97,13 @@ def test_runtime_prompt_ids_and_pixels_equal_processor(exported, family):
         # several images: the per-image text (block + what the chat template puts after each) repeats
         if vlm.prompt.get("max_images") != 1:          # BLIP-2 takes one image
             assert model.engine.encode_prompt(PROMPTS[0], 2).tolist() == ref.input_ids(PROMPTS[0], 2)
+        else:                                          # a second image is refused by name, not run
+            image = np.zeros((32, 32, 3), np.uint8)
+            with pytest.raises(InputError, match="at most 1 per prompt"):
+                model.generate([image, image], PROMPTS[0], channels="rgb")
+            ids = model.engine.encode_prompt(PROMPTS[0], 1)
+            with pytest.raises(InputError, match="at most 1 per prompt"):
+                model.engine.check_images(np.concatenate([ids, ids]), model.pixels([image, image], channels="rgb"))
         rng = np.random.default_rng(0)
         shapes = [(64, 64), (40, 56), (97, 33), (20, 24), (33, 97)]
         images = two_images() + [rng.integers(0, 256, (*s, 3), dtype=np.uint8) for s in shapes]
@@ -295,7 +303,6 @@ def test_gemma3_bundle_attends_bidirectionally_over_its_one_image_block(exported
     runtime tokens equal to generate() above exercise it); two images are refused by name."""
     import edgevl
     from edgevl.bundle import load_bundle
-    from edgevl.errors import InputError
 
     bundle, vlm = exported("gemma3")
     m = load_bundle(bundle).manifest
@@ -319,8 +326,11 @@ def test_gemma3_bundle_attends_bidirectionally_over_its_one_image_block(exported
             causal.append(out != ref.generate([image], prompt, N_TOKENS))
     assert any(causal)
     with edgevl.load(bundle, backend="onnxruntime", verbose=False) as model:
-        with pytest.raises(InputError, match="one image block per prompt"):
+        with pytest.raises(InputError, match="at most 1 per prompt"):     # the manifest's max_images
             model.generate(two_images(), PROMPTS[0], channels="rgb", max_new_tokens=2)
+    from edgevl.runtimes.image_span import prompt_spans
+    with pytest.raises(InputError, match="one image block per prompt"):   # ids built by hand: two blocks
+        prompt_spans(np.array([1, 9, 9, 2, 9, 9, 3]), 9, np.zeros(1, np.int64))
 
 
 def test_gemma3_in_flight_batching_gives_each_request_its_tokens_alone(exported):
