@@ -629,7 +629,7 @@ def _engine_env() -> dict:
     unless the caller chose a number (MALLOC_ARENA_MAX). The engine's threads (scheduler, vision
     batcher, pipe) each took an arena of their own by default, and memory freed in one stayed
     mapped: edgevl-tiny's engine process held 182-183 MB after 60 s of the soak's mixed load with
-    the default, 146 MB with two arenas (2-core AMD EPYC, 0.8.1)."""
+    the default, 143-146 MB with two arenas (2-core AMD EPYC, 0.8.1)."""
     return {"MALLOC_ARENA_MAX": "2", **os.environ}
 
 
