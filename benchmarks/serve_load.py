@@ -117,7 +117,7 @@ class SSEClient:
     more server-sent events) with byte searches; only the usage and error events are parsed as
     JSON. On the 2-core EPYC, 16 such clients used 0.10-0.11 of a core against 0.16 for
     http.client, whose ``readline`` on a chunked body goes through Python's buffered-IO layers
-    for every line (0.8.0; the same server gave 4-7% more tokens/s with this client)."""
+    for every line (0.8.0; the same server gave 4-8% more tokens/s with this client)."""
 
     CONTENT, EMPTY = b'"delta":{"content":"', b'"delta":{"content":""'
 
