@@ -138,8 +138,8 @@ def test_long_overlapping_generations_match_alone_in_full_batches(controlled):
     with Scheduler(controlled, max_batch_size=6, max_wait_ms=3, max_queue_size=64) as scheduler:
         got = run_concurrently(scheduler, requests, stagger_s=0.01, together=6)   # the first batch is full
         hist = scheduler.stats()["scheduler"]["histograms"]["decode_batch"]
-    assert got == expected
-    assert max(hist) == 6 and len(hist) > 3        # full batches, and joins/leaves in between
+    assert got == expected, [(i, g, e) for i, (g, e) in enumerate(zip(got, expected)) if g != e]
+    assert max(hist) == 6 and len(hist) > 3, hist  # full batches, and joins/leaves in between
 
 
 def same_question_requests(engine, n: int, seed: int = 7):
